@@ -1,0 +1,3 @@
+"""Fine-tune LLaMA-family models from one YAML recipe."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""`finetune VERB ...`: parse argv, call one function, print errors. Imports nothing heavy at import time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from finetune import __version__
+from finetune.errors import FinetuneError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # parse_known_args so that overrides may come after options: `run r.yaml --overwrite train.lr=1e-4`
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
+    try:
+        return args.handler(args) or 0
+    except FinetuneError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}" if "\n" not in str(e) else str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune", description="Fine-tune LLaMA-family models from one YAML recipe."
+    )
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler, help: str, recipe: bool = True) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help, description=help)
+        if recipe:
+            sub.add_argument("recipe", metavar="RECIPE", help="YAML recipe file")
+            sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key, e.g. train.max_steps=10")
+        sub.add_argument("--debug", action="store_true", help="show the traceback of errors")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = verb("run", cmd_run, "train a recipe and write its run folder")
+    run.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output.dir")
+    verb("validate", cmd_validate, "check a recipe without loading anything; exit 2 with every problem")
+    preview = verb("preview", cmd_preview, "show the first training samples as the model sees them")
+    preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
+    preview.add_argument("--json", action="store_true", help="one JSON object per line: input_ids, labels, text")
+    verb("schema", cmd_schema, "print the JSON Schema of the recipe", recipe=False)
+    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
+    tiny.add_argument("out", metavar="OUT", help="folder to write")
+    tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_validate(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from finetune.recipe.schema import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.pipeline import run
+
+    result = run(recipe, overwrite=args.overwrite)
+    summary = result.summary
+    print(
+        f"done in {summary['wall_time_s']:.1f}s, {summary['steps']} steps: "
+        f"train loss {summary['first_train_loss']:.4f} -> {summary['last_train_loss']:.4f}"
+        + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "")
+    )
+    print(f"run folder: {result.path}")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.data.preview import render_sample, sample_record
+    from finetune.pipeline import preview
+
+    tokenizer, samples, report = preview(recipe, args.n)
+    for number, sample in enumerate(samples, start=1):
+        if args.json:
+            print(json.dumps(sample_record(sample, tokenizer), ensure_ascii=False))
+        else:
+            print(render_sample(sample, tokenizer, number, color=sys.stdout.isatty()) + "\n")
+    if not args.json:
+        print(f"{report.train_rows} training samples; {len(report.dropped_rows)} dropped, {len(report.truncated_rows)} truncated")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from finetune.data.sources import read_rows
+    from finetune.model.tiny import build_tiny_llama
+
+    rows = read_rows(args.corpus).rows
+    texts = [value for row in rows for value in row.values() if isinstance(value, str)]
+    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed)}")
+    return 0

@@ -1,0 +1,138 @@
+"""Load the base model and its tokenizer from a hub id or a local folder.
+
+Pad token: LLaMA tokenizers have none. We use the unknown token `<unk>` as padding (what alpaca-lora
+does): it already has an embedding, so no row is added to the vocabulary and the adapter stays small,
+and pad stays different from EOS, so the EOS the model must learn to emit is never mistaken for
+padding. Padded positions carry label -100 and attention mask 0 either way. Only a tokenizer with
+neither a pad nor an unknown token gets a new `<pad>` token (and the embeddings grow by one row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import InputError
+from finetune.recipe.checks import looks_local
+from finetune.recipe.schema import ModelSpec, QuantSpec
+
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def pick_device(use_cpu: bool = False) -> str:
+    """'cuda' when a GPU is visible and not refused, else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+
+
+def resolve_dtype(name: str, device: str):
+    """A recipe dtype name -> torch.dtype; `auto` picks the best the device computes in."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, DTYPES[name])
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer of `spec.tokenizer` (or the model), with a pad token different from EOS.
+
+    Raises:
+        InputError: the folder or hub id has no usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec.tokenizer or spec.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+        raise InputError(f"{key}: cannot load a tokenizer from {source!r}: {_first_line(e)}") from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS (see the module docstring for why <unk>)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"
+
+
+def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokenizer=None):
+    """The base causal LM, in the recipe's dtype, quantized when `quant` is set.
+
+    Args:
+        spec: the recipe's `model` section.
+        quant: the recipe's `quant` section, or None for unquantized weights.
+        device: 'cuda' or 'cpu' (from `pick_device`); quantized weights are placed there at load time.
+        tokenizer: when given, the model's pad token id is set from it and the embeddings grow if the
+            tokenizer has more tokens than the model has rows.
+
+    Raises:
+        InputError: the folder has no config or (allowed) weights, or the hub id cannot be reached.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model.quantize import build_bnb_config
+
+    _check_local_weights(spec)
+    dtype = resolve_dtype(spec.dtype, device)
+    kwargs = dict(
+        revision=spec.revision,
+        dtype=dtype,
+        attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=None if spec.allow_pickle_weights else True,
+    )
+    if quant is not None:
+        compute_dtype = dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype, device)
+        kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_source(spec.name_or_path), **kwargs)
+    except OSError as e:
+        raise InputError(f"model.name_or_path: cannot load {spec.name_or_path!r}: {_first_line(e)}") from None
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def resolve_source(name: str) -> str:
+    """An absolute path for a local folder (so the saved adapter finds its base from anywhere), else the hub id."""
+    return str(Path(name).expanduser().resolve()) if looks_local(name) else name
+
+
+def _check_local_weights(spec: ModelSpec) -> None:
+    if not looks_local(spec.name_or_path):
+        return
+    folder = Path(spec.name_or_path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise InputError(f"model.name_or_path: {folder} has no config.json; is it a transformers model folder?")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickled and not spec.allow_pickle_weights:
+        raise InputError(
+            f"model.name_or_path: {folder} has only pickled weights ({', '.join(pickled[:3])}); pickle files can run "
+            "code when loaded. Convert them to safetensors, or set model.allow_pickle_weights: true if you trust them."
+        )
+    if not pickled:
+        raise InputError(f"model.name_or_path: {folder} has no weights (*.safetensors)")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__

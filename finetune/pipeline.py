@@ -1,0 +1,118 @@
+"""recipe -> data -> model -> adapter -> train -> run folder.
+
+Everything that can fail on bad input (recipe, output folder, tokenizer, data rows, model folder)
+fails before the run folder is touched, so a failed command never changes an earlier run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from finetune.recipe.load import recipe_to_yaml
+from finetune.recipe.schema import Recipe
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    path: Path
+    summary: dict
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunResult:
+    """Train the recipe and write its run folder.
+
+    Raises:
+        InputError: bad output folder, tokenizer, data or model (nothing written yet).
+    """
+    from transformers import set_seed
+
+    from finetune.data.build import build_datasets
+    from finetune.model.adapters import count_parameters, wrap_adapter
+    from finetune.model.load import load_model, load_tokenizer, pick_device
+    from finetune.train.run_dir import RunDir, environment_info
+    from finetune.train.trainer import build_trainer, mixed_precision
+
+    started = time.time()
+    run_dir = RunDir.claim(recipe.output.dir, overwrite=overwrite)
+    device = pick_device(recipe.train.use_cpu)
+    mixed_precision(recipe.train, device)
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    echo_data_report(data.report, echo)
+
+    set_seed(recipe.train.seed)
+    model = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)
+    model = wrap_adapter(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    echo(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}")
+
+    removed = run_dir.create()
+    if removed:
+        echo(f"--overwrite: removed the previous contents of {run_dir.path}: {', '.join(removed)}")
+    run_dir.write_text(run_dir.recipe, recipe_to_yaml(recipe))
+    run_dir.write_json(run_dir.environment, environment_info(device))
+    run_dir.write_json(run_dir.data, asdict(data.report))
+
+    trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
+    trainer.train()
+    final_eval = trainer.evaluate() if data.eval else {}
+    save_adapter(model, tokenizer, run_dir.adapter)
+
+    summary = summarize(run_dir, trainer.state, final_eval, trainable, total, time.time() - started)
+    run_dir.write_json(run_dir.summary, summary)
+    return RunResult(run_dir.path, summary)
+
+
+def save_adapter(model, tokenizer, target: Path) -> None:
+    """Write the PEFT adapter and tokenizer under a temporary name, then rename: never half a folder."""
+    import shutil
+
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+
+
+def summarize(run_dir, state, final_eval: dict, trainable: int, total: int, wall_time: float) -> dict:
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return {
+        "status": "finished",
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "first_train_loss": losses[0] if losses else None,
+        "last_train_loss": losses[-1] if losses else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_time_s": round(wall_time, 2),
+        "adapter": str(run_dir.adapter),
+    }
+
+
+def echo_data_report(report, echo: Echo) -> None:
+    echo(
+        f"data: {report.rows_read} rows from {report.source} -> {report.train_rows} train, {report.eval_rows} eval; "
+        f"{report.train_tokens:,} train tokens ({report.trained_tokens:,} trained)"
+    )
+    if report.truncated_rows:
+        echo(f"data: {len(report.truncated_rows)} row(s) truncated to data.max_seq_len, e.g. {report.truncated_rows[0]}")
+    for dropped in report.dropped_rows[:5]:
+        echo(f"data: dropped {dropped['row']}: {dropped['reason']}")
+    if len(report.dropped_rows) > 5:
+        echo(f"data: ... {len(report.dropped_rows) - 5} more dropped rows are listed in data.json")
+
+
+def preview(recipe: Recipe, count: int):
+    """The tokenizer and the first `count` training samples, exactly as training will see them."""
+    from finetune.data.build import build_datasets
+    from finetune.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    return tokenizer, data.train[:count], data.report

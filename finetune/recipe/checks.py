@@ -1,0 +1,83 @@
+"""Checks that involve more than one key, or the files a recipe names.
+
+They run before any weight is loaded. Each names the key the user should change; `recipe/load.py`
+turns the key into a file position. Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.recipe.schema import Recipe
+
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class KeyProblem:
+    path: tuple[str, ...]
+    message: str
+    hint: str = ""
+
+
+def looks_local(name: str) -> bool:
+    """True when `name` is meant as a file or folder on this machine rather than a hub id."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(LOCAL_DATA_SUFFIXES)
+        or Path(name).expanduser().exists()
+        or name.count("/") > 1
+    )
+
+
+def check_paths(raw: dict) -> list[KeyProblem]:
+    """Local files and folders the recipe names must exist. Works on the raw mapping, so these are
+    reported together with schema errors elsewhere in the recipe."""
+    section = lambda name: raw.get(name) if isinstance(raw.get(name), dict) else {}  # noqa: E731
+    problems = []
+    for key in ("path", "eval_path"):
+        value = section("data").get(key)
+        if isinstance(value, str):
+            problems += _check_data_source(key, value)
+    for key in ("name_or_path", "tokenizer"):
+        value = section("model").get(key)
+        if isinstance(value, str) and looks_local(value) and not Path(value).expanduser().is_dir():
+            problems.append(
+                KeyProblem(
+                    ("model", key),
+                    f"no such folder: {value}",
+                    "give a local model folder or a hub id such as huggyllama/llama-7b",
+                )
+            )
+    return problems
+
+
+def cross_check(recipe: Recipe) -> list[KeyProblem]:
+    """Combinations of keys that cannot work together."""
+    problems = []
+    train, data = recipe.train, recipe.data
+    if train.warmup_ratio is not None and train.warmup_steps is not None:
+        problems.append(
+            KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both")
+        )
+    if data.eval_path is not None and data.eval_fraction > 0:
+        problems.append(
+            KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both")
+        )
+    if recipe.adapter.use_dora and recipe.quant is not None and recipe.quant.bits == 8:
+        problems.append(
+            KeyProblem(("adapter", "use_dora"), "DoRA is not supported on an 8-bit base by peft", "use quant.bits: 4")
+        )
+    return problems
+
+
+def _check_data_source(key: str, value: str | None) -> list[KeyProblem]:
+    if value is None or not looks_local(value):
+        return []
+    path = Path(value).expanduser()
+    if not path.exists():
+        return [KeyProblem(("data", key), f"no such file: {value}")]
+    if path.is_file() and not value.endswith(LOCAL_DATA_SUFFIXES):
+        return [KeyProblem(("data", key), f"unsupported file type: {value}", "use a .json or .jsonl file")]
+    return []

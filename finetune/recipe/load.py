@@ -1,0 +1,253 @@
+"""YAML recipe + `a.b.c=value` overrides -> a validated `Recipe`, or every problem at once.
+
+Each problem points at the place to fix: `FILE:LINE:COL` for keys in the file (PyYAML keeps a mark on
+every node), `command line` for overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.errors import Problem, RecipeError
+from finetune.recipe.checks import check_paths, cross_check
+from finetune.recipe.schema import Recipe
+
+KeyPath = tuple[str, ...]
+
+
+@dataclass
+class Origins:
+    """Where each key of the raw recipe came from, so a problem can be reported there."""
+
+    file: str
+    key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    value_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    overrides: dict[KeyPath, str] = field(default_factory=dict)
+
+    def locate(self, path: KeyPath, *, at_value: bool = True) -> tuple[str, str]:
+        """(where, subject) for the key at `path`, or for its closest located ancestor."""
+        for item_path, item in self.overrides.items():
+            if item_path[: len(path)] == path:  # the key or a key below it came from the command line
+                return "command line", item
+        for n in range(len(path), -1, -1):
+            prefix = path[:n]
+            if prefix in self.overrides:
+                return "command line", self.overrides[prefix]
+            marks = self.value_marks if at_value else self.key_marks
+            mark = marks.get(prefix) or self.key_marks.get(prefix)
+            if mark is not None:
+                line, col = mark
+                return f"{self.file}:{line}:{col}", ".".join(path)
+        return self.file, ".".join(path)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: `dotted.key=value` strings; values are parsed as YAML (`3`, `true`, `[a, b]`).
+
+    Raises:
+        RecipeError: with every problem found, each located in the file or on the command line.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError([Problem(path, "", f"cannot read the recipe ({e.__class__.__name__}: {e})")]) from None
+    origins = Origins(file=path)
+    raw, problems = parse_yaml(text, origins)
+    if raw is None:
+        raise RecipeError(problems)
+    problems += apply_overrides(raw, overrides, origins)
+    recipe, schema_problems = validate(raw, origins)
+    problems += schema_problems
+    key_problems = check_paths(raw) + (cross_check(recipe) if recipe is not None else [])
+    problems += [Problem(*origins.locate(p.path), p.message, p.hint) for p in key_problems]
+    if problems:
+        raise RecipeError(sorted(problems, key=_reading_order))
+    return recipe
+
+
+def _reading_order(problem: Problem) -> tuple:
+    file_part, _, rest = problem.where.partition(":")
+    line, _, col = rest.partition(":")
+    on_command_line = problem.where == "command line"
+    return (on_command_line, int(line) if line.isdigit() else 0, int(col) if col.isdigit() else 0)
+
+
+def parse_yaml(text: str, origins: Origins) -> tuple[dict | None, list[Problem]]:
+    """YAML text -> plain dict, recording the line and column of every key and value."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, [Problem(origins.file, "", "the recipe is empty")]
+        problems = _record_marks(node, (), origins)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{origins.file}:{mark.line + 1}:{mark.column + 1}" if mark else origins.file
+        return None, [Problem(where, "", f"YAML syntax error: {e.problem or e.context}")]
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        return None, [Problem(f"{origins.file}:1:1", "", "the recipe must be a mapping of sections (model:, data:, ...)")]
+    return data, problems
+
+
+def _record_marks(node: yaml.Node, path: KeyPath, origins: Origins) -> list[Problem]:
+    problems = []
+    origins.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            key_path = path + (key,)
+            line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            if key in seen:
+                problems.append(Problem(f"{origins.file}:{line}:{col}", ".".join(key_path), "duplicate key; the earlier one would be ignored"))
+            seen.add(key)
+            origins.key_marks[key_path] = (line, col)
+            problems += _record_marks(value_node, key_path, origins)
+    return problems
+
+
+def apply_overrides(raw: dict, overrides: list[str], origins: Origins) -> list[Problem]:
+    """Set each `a.b.c=value` into `raw`, typing the value as YAML would."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem("command line", item, "expected key=value, e.g. train.max_steps=10"))
+            continue
+        path = tuple(key.strip().split("."))
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            problems.append(Problem("command line", item, f"value is not valid YAML ({e.__class__.__name__})"))
+            continue
+        target = raw
+        for i, part in enumerate(path[:-1]):
+            child = target.setdefault(part, {})
+            if child is None:
+                child = target[part] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem("command line", item, f"{'.'.join(path[: i + 1])} is not a section"))
+                break
+            target = child
+        else:
+            target[path[-1]] = value
+            origins.overrides[path] = item
+    return problems
+
+
+def validate(raw: dict, origins: Origins) -> tuple[Recipe | None, list[Problem]]:
+    """Run the schema; translate pydantic's errors into located, plain-worded problems."""
+    try:
+        return Recipe.model_validate(raw), []
+    except ValidationError as e:
+        return None, [_problem_from_pydantic(err, origins) for err in e.errors()]
+
+
+def _problem_from_pydantic(err: dict, origins: Origins) -> Problem:
+    path = tuple(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        where, subject = origins.locate(path, at_value=False)
+        return Problem(where, subject, "unknown key", _suggest_key(path))
+    if kind == "missing":
+        where, _ = origins.locate(path[:-1])
+        description = _describe(path)
+        return Problem(where, ".".join(path), "required key is missing", f"expected: {description}" if description else "")
+    where, subject = origins.locate(path)
+    hint = ""
+    if kind == "literal_error" and isinstance(err.get("input"), str):
+        choices = [str(c) for c in getattr(_field_annotation(path), "__args__", ())]
+        close = difflib.get_close_matches(err["input"], choices, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else ""
+    return Problem(where, subject, _plain_message(err), hint)
+
+
+def _plain_message(err: dict) -> str:
+    kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
+    got = f" (got {given!r})" if not isinstance(given, (dict, list)) else ""
+    bounds = {
+        "greater_than": "must be greater than {gt}",
+        "greater_than_equal": "must be at least {ge}",
+        "less_than": "must be less than {lt}",
+        "less_than_equal": "must be at most {le}",
+    }
+    if kind in bounds:
+        return bounds[kind].format(**ctx) + got
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}{got}"
+    expected = {
+        "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+        "list": "a list", "model": "a section (a mapping of keys)", "dict": "a mapping",
+    }
+    for prefix, words in expected.items():
+        if kind.startswith(prefix + "_"):
+            return f"expected {words}{got}"
+    return err["msg"] + got
+
+
+def _section_model(path: KeyPath) -> type[BaseModel] | None:
+    """The schema class of the section at `path`, if there is one."""
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        field_info = model.model_fields.get(part) if model else None
+        if field_info is None:
+            return None
+        model = _model_in(field_info.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def _suggest_key(path: KeyPath) -> str:
+    section = _section_model(path[:-1])
+    if section is None:
+        return ""
+    valid = list(section.model_fields)
+    close = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
+    if not close:
+        close = [name for name in valid if path[-1] in name or name in path[-1]][:1]
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(valid)
+
+
+def _field_info(path: KeyPath):
+    section = _section_model(path[:-1])
+    return section.model_fields.get(path[-1]) if section else None
+
+
+def _field_annotation(path: KeyPath):
+    info = _field_info(path)
+    return info.annotation if info else None
+
+
+def _describe(path: KeyPath) -> str:
+    info = _field_info(path)
+    return info.description if info and info.description else ""
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe (every default filled in) as YAML, in schema order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

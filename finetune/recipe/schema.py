@@ -1,0 +1,151 @@
+"""The recipe: every key, its type, default, bounds and meaning.
+
+This module is the reference documentation of the recipe format (`finetune schema` prints it as JSON
+Schema). Unknown keys are errors at every level. Checks that involve more than one key live in
+`recipe/checks.py` so each problem can point at the key the user has to change.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    """The base model and how to load it."""
+
+    name_or_path: str = Field(
+        description="Hub id (e.g. huggyllama/llama-7b) or local folder holding config.json, weights and tokenizer."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to name_or_path.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit to load; ignored for local folders.")
+    dtype: DType = Field(
+        "auto",
+        description="Weight dtype. auto: bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. sdpa is exact and fast everywhere; flash_attention_2 needs its package."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Only for repositories you trust."
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load .bin/.pt weights. They are pickle files that can run code; safetensors only when off.",
+    )
+
+
+class QuantSpec(Section):
+    """Load the base model quantized with bitsandbytes (QLoRA with bits: 4, LLM.int8 with bits: 8)."""
+
+    bits: Literal[4, 8] = Field(description="4: NF4/FP4 storage (QLoRA). 8: LLM.int8.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA paper's choice.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: DType = Field(
+        "auto", description="dtype of the matmuls on dequantized weights; auto follows the training precision."
+    )
+
+
+class LoraSpec(Section):
+    """A LoRA adapter (peft). With `quant` set this is QLoRA."""
+
+    kind: Literal["lora"] = Field("lora", description="Adaptation method.")
+    r: int = Field(16, gt=0, description="Rank of the update. Higher = more capacity and memory.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer but the output head.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] after adding tokens).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (rsLoRA).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank.")
+
+
+class DataSpec(Section):
+    """Where the training rows come from and how they become tokens."""
+
+    format: Literal["alpaca"] = Field("alpaca", description="Dataset adapter that turns a row into prompt and response.")
+    path: str = Field(
+        description="Local .json (a list of rows, or JSON lines) or .jsonl file, a local dataset folder, or a "
+        "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the current directory."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (quick trials).")
+    max_seq_len: int = Field(512, gt=1, description="Longest sample in tokens, prompt + response + EOS.")
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on prompt tokens. Off: only the response and EOS are learned."
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="Samples longer than max_seq_len. truncate: cut the end of the response (and its EOS); a row "
+        "whose prompt alone fills max_seq_len keeps no response token, so it is dropped and reported. drop: skip "
+        "the row and report it. error: stop and name the row.",
+    )
+
+
+class TrainSpec(Section):
+    """The optimisation: what `SFTTrainer` is told."""
+
+    epochs: float = Field(3, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Samples per device per forward pass.")
+    grad_accum: int = Field(
+        8, gt=0, description="Micro-batches per optimizer step; batch = micro_batch_size x grad_accum x devices."
+    )
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps (excludes warmup_ratio).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd"] = Field("adamw_torch", description="Optimizer.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory, about 30% slower."
+    )
+    seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
+    logging_steps: int = Field(10, gt=0, description="Log train loss and learning rate every N optimizer steps.")
+    eval_steps: int = Field(200, gt=0, description="Compute eval loss every N optimizer steps (and at the end).")
+    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints; null keeps all.")
+    use_cpu: bool = Field(False, description="Train on CPU even when a GPU is present.")
+
+
+class OutputSpec(Section):
+    """The run folder."""
+
+    dir: str = Field(description="Run folder: recipe, environment, data report, metrics, checkpoints, adapter.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files to DIR/tensorboard.")
+
+
+class Recipe(Section):
+    """A fine-tuning run: base model, optional quantization, adapter, data, training, output."""
+
+    model: ModelSpec
+    quant: QuantSpec | None = Field(None, description="Quantize the base model; omit for 16/32-bit weights.")
+    adapter: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output: OutputSpec

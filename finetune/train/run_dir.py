@@ -1,0 +1,118 @@
+"""The run folder: everything needed to understand, resume, merge or export a run, and nothing else.
+
+    recipe.yaml        the resolved recipe, every default filled in
+    environment.json   library versions, Python, platform, device, git commit of finetune
+    data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+    metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
+    tensorboard/       TensorBoard event files of the same metrics
+    checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
+    adapter/           the final PEFT adapter and the tokenizer
+    summary.json       status, wall time, first/last losses, parameter counts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from finetune.errors import InputError
+
+TRACKED_PACKAGES = (
+    "finetune", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
+    "tokenizers", "safetensors", "pydantic",
+)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    environment = property(lambda self: self.path / "environment.json")
+    data = property(lambda self: self.path / "data.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    adapter = property(lambda self: self.path / "adapter")
+    summary = property(lambda self: self.path / "summary.json")
+
+    @classmethod
+    def claim(cls, path: str | Path, *, overwrite: bool) -> "RunDir":
+        """Check, without writing anything, that a run may be written to `path`.
+
+        Raises:
+            InputError: the folder holds files and `overwrite` is off, or it cannot be written.
+        """
+        run = cls(Path(path))
+        if run.path.exists() and not run.path.is_dir():
+            raise InputError(f"output.dir: {run.path} exists and is not a folder")
+        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
+            raise InputError(
+                f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
+            )
+        nearest = next(p for p in [run.path, *run.path.absolute().parents] if p.exists())
+        if not os.access(nearest, os.W_OK):
+            raise InputError(f"output.dir: {run.path} cannot be written ({nearest} is not writable)")
+        return run
+
+    def create(self) -> list[str]:
+        """Make the (empty) folder, removing a previous run's files; returns what was removed."""
+        removed = []
+        if self.path.is_dir():
+            for child in sorted(self.path.iterdir()):
+                removed.append(child.name)
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return removed
+
+    def write_json(self, target: Path, payload: dict) -> None:
+        """Write JSON atomically: a reader never sees a half-written file."""
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        partial.replace(target)
+
+    def write_text(self, target: Path, text: str) -> None:
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(target)
+
+
+def environment_info(device: str) -> dict:
+    """Versions and machine facts that decide whether a run can be reproduced."""
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "finetune_git_commit": _git_commit(Path(__file__).resolve().parent),
+        "command": sys.argv,
+    }
+    if device == "cuda":
+        import torch
+
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

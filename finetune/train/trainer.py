@@ -1,0 +1,107 @@
+"""Recipe -> the one `SFTConfig` and `SFTTrainer` of a run. No subclass: behaviour is added with callbacks."""
+
+from __future__ import annotations
+
+from finetune.errors import InputError
+from finetune.recipe.schema import Recipe, TrainSpec
+from finetune.train.run_dir import RunDir
+
+
+def mixed_precision(spec: TrainSpec, device: str) -> str:
+    """'bf16', 'fp16' or 'fp32' for this device. bf16/fp16 autocast needs a GPU here (SFTConfig's bf16 default fails on CPU).
+
+    Raises:
+        InputError: half precision was asked for on a CPU run.
+    """
+    import torch
+
+    if spec.precision == "auto":
+        if device != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if spec.precision != "fp32" and device != "cuda":
+        raise InputError(f"train.precision: {spec.precision} needs a GPU; this run is on CPU (use auto or fp32)")
+    return spec.precision
+
+
+def warmup(spec: TrainSpec) -> float:
+    """Warmup in the form TrainingArguments takes: whole steps, or a ratio in [0, 1)."""
+    if spec.warmup_steps is not None:
+        return spec.warmup_steps
+    return spec.warmup_ratio or 0
+
+
+def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool):
+    """Every training argument of the run, from the recipe only."""
+    from trl import SFTConfig
+
+    train = recipe.train
+    precision = mixed_precision(train, device)
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=warmup(train),
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=train.gradient_checkpointing,
+        # Non-reentrant checkpointing computes adapter gradients even though every base weight is frozen.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,  # the starting loss, so a falling curve can be seen
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        report_to="none",  # metrics.jsonl and TensorBoard are attached as callbacks, into the run folder
+        # Our samples are tokenized, masked and truncated already; TRL turns completion_mask into labels.
+        max_length=recipe.data.max_seq_len,
+        completion_only_loss=True,
+        packing=False,
+        dataloader_num_workers=0,
+    )
+
+
+def to_hf_dataset(samples):
+    """Tokenized samples -> the columns SFTTrainer recognises as already processed."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": [s.input_ids for s in samples], "completion_mask": [s.completion_mask for s in samples]}
+    )
+
+
+def build_trainer(model, tokenizer, train_samples, eval_samples, recipe: Recipe, run: RunDir, *, device: str):
+    """The run's `SFTTrainer`, with metrics.jsonl and (optionally) TensorBoard callbacks."""
+    from trl import SFTTrainer
+
+    from finetune.train.metrics import MetricsFileCallback
+
+    callbacks = [MetricsFileCallback(run.metrics)]
+    if recipe.output.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard))))
+    return SFTTrainer(
+        model=model,
+        args=build_sft_config(recipe, run, device=device, has_eval=bool(eval_samples)),
+        train_dataset=to_hf_dataset(train_samples),
+        eval_dataset=to_hf_dataset(eval_samples) if eval_samples else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
