@@ -55,9 +55,10 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        gradient_checkpointing=train.gradient_checkpointing,
+        # transformers 5 calls gradient checkpointing "activation checkpointing"; the recipe keeps the familiar name.
+        activation_checkpointing=train.gradient_checkpointing,
         # Non-reentrant checkpointing computes adapter gradients even though every base weight is frozen.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny LLaMA + SentencePiece tokenizer built once per session, and recipe writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder that `from_pretrained` loads: config, safetensors weights, tokenizer (built from a seed)."""
+    from finetune.model.tiny import TinyShape, build_tiny_llama
+
+    rows = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
+    texts = [value for row in rows for value in row.values() if value]
+    shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, seed=0, shape=shape)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.schema import ModelSpec
+
+    return load_tokenizer(ModelSpec(name_or_path=str(tiny_model_dir)))
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_model_dir):
+    """write_recipe(**sections) -> path of a recipe on the tiny model and the sample data, sections merged in."""
+
+    def write(name: str = "recipe.yaml", **sections) -> Path:
+        recipe = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 256},
+            "train": {
+                "max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3,
+                "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 100,
+            },
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        for section, values in sections.items():
+            if values is None:
+                recipe.pop(section, None)
+            else:
+                recipe[section] = {**recipe.get(section, {}), **values}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
