@@ -94,10 +94,13 @@ def build_trainer(model, tokenizer, train_samples, eval_samples, recipe: Recipe,
 
     callbacks = [MetricsFileCallback(run.metrics)]
     if recipe.output.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard))))
+        tensorboard = TensorBoardCallback()
+        # The callback reopens its writer for the eval after training; the attribute (rather than a
+        # writer passed in) keeps that second writer in the run folder too.
+        tensorboard.logging_dir = str(run.tensorboard)
+        callbacks.append(tensorboard)
     return SFTTrainer(
         model=model,
         args=build_sft_config(recipe, run, device=device, has_eval=bool(eval_samples)),
