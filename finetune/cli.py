@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="finetune", description="Fine-tune LLaMA-family models from one YAML recipe."
-    )
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA-family models from one YAML recipe.")
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -43,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help, description=help)
         if recipe:
             sub.add_argument("recipe", metavar="RECIPE", help="YAML recipe file")
-            sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key, e.g. train.max_steps=10")
+            sub.add_argument(
+                "overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key, e.g. train.max_steps=10"
+            )
         sub.add_argument("--debug", action="store_true", help="show the traceback of errors")
         sub.set_defaults(handler=handler)
         return sub
@@ -108,7 +108,8 @@ def cmd_preview(args) -> int:
         else:
             print(render_sample(sample, tokenizer, number, color=sys.stdout.isatty()) + "\n")
     if not args.json:
-        print(f"{report.train_rows} training samples; {len(report.dropped_rows)} dropped, {len(report.truncated_rows)} truncated")
+        dropped, truncated = len(report.dropped_rows), len(report.truncated_rows)
+        print(f"{report.train_rows} training samples; {dropped} dropped, {truncated} truncated")
     return 0
 
 

@@ -7,9 +7,9 @@ fails before the run folder is touched, so a failed command never changes an ear
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from finetune.recipe.load import recipe_to_yaml
 from finetune.recipe.schema import Recipe
@@ -101,7 +101,9 @@ def echo_data_report(report, echo: Echo) -> None:
         f"{report.train_tokens:,} train tokens ({report.trained_tokens:,} trained)"
     )
     if report.truncated_rows:
-        echo(f"data: {len(report.truncated_rows)} row(s) truncated to data.max_seq_len, e.g. {report.truncated_rows[0]}")
+        echo(
+            f"data: {len(report.truncated_rows)} row(s) truncated to data.max_seq_len, e.g. {report.truncated_rows[0]}"
+        )
     for dropped in report.dropped_rows[:5]:
         echo(f"data: dropped {dropped['row']}: {dropped['reason']}")
     if len(report.dropped_rows) > 5:

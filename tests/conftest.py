@@ -19,7 +19,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     rows = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
     texts = [value for row in rows for value in row.values() if value]
-    shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    shape = TinyShape(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, seed=0, shape=shape)
 
 
@@ -41,8 +43,13 @@ def write_recipe(tmp_path, tiny_model_dir):
             "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 256},
             "train": {
-                "max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3,
-                "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 100,
+                "max_steps": 4,
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "lr": 1e-3,
+                "gradient_checkpointing": False,
+                "logging_steps": 1,
+                "save_steps": 100,
             },
             "output": {"dir": str(tmp_path / "run")},
         }

@@ -6,12 +6,11 @@ import json
 import shutil
 
 import pytest
+from conftest import REPO
 
 from finetune.errors import InputError
 from finetune.model.load import load_model, load_tokenizer
 from finetune.recipe.schema import ModelSpec
-
-from conftest import REPO
 
 SHIPPED = REPO / "data" / "tiny-llama"
 

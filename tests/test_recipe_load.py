@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from finetune.cli import main
 from finetune.errors import RecipeError
 from finetune.recipe.load import load_recipe, recipe_to_yaml
 from finetune.recipe.schema import TrainSpec
-
-from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -148,3 +146,11 @@ def test_cli_and_validate_do_not_import_torch(write_recipe):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "validate" in out.stdout
+
+
+def test_problem_in_the_file_is_not_blamed_on_an_override_of_a_sibling_key(write_recipe, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(write_recipe().read_text().replace(f"  dir: {tmp_path / 'run'}\n", "  tensorboard: true\n"))
+    line = path.read_text().splitlines().index("  tensorboard: true") + 1
+    [problem] = problems_of(path, ["output.tensorboard=false"])
+    assert problem.startswith(f"{path}:{line}:3: output.dir: required key is missing")

@@ -45,9 +45,7 @@ def to_conversation(row: dict, ref: str, *, train_on_prompt: bool = False) -> Co
     output = _text_field(row, "output", required=True)
     input = _text_field(row, "input", required=False)
     prompt = format_prompt(instruction, input)
-    return Conversation(
-        segments=(Segment(prompt, trained=train_on_prompt), Segment(output, trained=True)), row=ref
-    )
+    return Conversation(segments=(Segment(prompt, trained=train_on_prompt), Segment(output, trained=True)), row=ref)
 
 
 def _text_field(row: dict, key: str, *, required: bool) -> str:

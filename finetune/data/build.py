@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 from finetune.data import alpaca
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
-from finetune.data.tokenize import Dropped, Sample, tokenize_conversations
+from finetune.data.tokenize import Sample, tokenize_conversations
 from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec
 
@@ -93,7 +93,7 @@ def to_conversations(source: Rows, spec: DataSpec) -> list[Conversation]:
     """Apply the dataset adapter to every row, collecting every bad row before failing."""
     adapter = partial(DATASET_ADAPTERS[spec.format], train_on_prompt=spec.train_on_prompt)
     conversations, problems = [], []
-    for row, ref in zip(source.rows, source.refs):
+    for row, ref in zip(source.rows, source.refs, strict=True):
         try:
             conversations.append(adapter(row, ref))
         except RowError as e:

@@ -47,7 +47,7 @@ def sample_record(sample: Sample, tokenizer) -> dict:
     return {
         "row": sample.row,
         "input_ids": sample.input_ids,
-        "labels": [t if m else -100 for t, m in zip(sample.input_ids, sample.completion_mask)],
+        "labels": [t if m else -100 for t, m in zip(sample.input_ids, sample.completion_mask, strict=True)],
         "text": tokenizer.decode(sample.input_ids, skip_special_tokens=False),
         "tokens": len(sample.input_ids),
         "trained_tokens": sample.trained_tokens,

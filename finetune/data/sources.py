@@ -51,7 +51,9 @@ def _read_json_file(path: Path, name: str) -> Rows:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError([Problem(f"{name}:{line}", "", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")]) from None
+        raise DataError(
+            [Problem(f"{name}:{line}", "", f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")]
+        ) from None
     sha = hashlib.sha256(raw).hexdigest()
     if name.endswith(".jsonl") or text.lstrip().startswith("{"):
         rows, refs = _parse_json_lines(text, name)

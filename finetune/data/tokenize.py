@@ -7,8 +7,9 @@ the boundary bug of many SFT scripts: SentencePiece can merge across the join.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from finetune.data.conversation import Conversation
 from finetune.errors import DataError, Problem

@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def build_tiny_llama(out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()) -> Path:
+def build_tiny_llama(
+    out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()
+) -> Path:
     """Write a tokenizer (tokenizer.model + tokenizer.json) and a random LLaMA (safetensors) to `out_dir`.
 
     Args:

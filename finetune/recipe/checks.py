@@ -58,13 +58,9 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
     problems = []
     train, data = recipe.train, recipe.data
     if train.warmup_ratio is not None and train.warmup_steps is not None:
-        problems.append(
-            KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both")
-        )
+        problems.append(KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both"))
     if data.eval_path is not None and data.eval_fraction > 0:
-        problems.append(
-            KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both")
-        )
+        problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if recipe.adapter.use_dora and recipe.quant is not None and recipe.quant.bits == 8:
         problems.append(
             KeyProblem(("adapter", "use_dora"), "DoRA is not supported on an 8-bit base by peft", "use quant.bits: 4")

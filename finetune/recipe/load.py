@@ -32,14 +32,15 @@ class Origins:
 
     def locate(self, path: KeyPath, *, at_value: bool = True) -> tuple[str, str]:
         """(where, subject) for the key at `path`, or for its closest located ancestor."""
-        for item_path, item in self.overrides.items():
-            if item_path[: len(path)] == path:  # the key or a key below it came from the command line
-                return "command line", item
+        marks = self.value_marks if at_value else self.key_marks
+        if path not in self.overrides and path not in marks:
+            for item_path, item in self.overrides.items():
+                if item_path[: len(path)] == path:  # only the command line has keys under this one
+                    return "command line", item
         for n in range(len(path), -1, -1):
             prefix = path[:n]
             if prefix in self.overrides:
                 return "command line", self.overrides[prefix]
-            marks = self.value_marks if at_value else self.key_marks
             mark = marks.get(prefix) or self.key_marks.get(prefix)
             if mark is not None:
                 line, col = mark
@@ -99,7 +100,9 @@ def parse_yaml(text: str, origins: Origins) -> tuple[dict | None, list[Problem]]
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        return None, [Problem(f"{origins.file}:1:1", "", "the recipe must be a mapping of sections (model:, data:, ...)")]
+        return None, [
+            Problem(f"{origins.file}:1:1", "", "the recipe must be a mapping of sections (model:, data:, ...)")
+        ]
     return data, problems
 
 
@@ -113,7 +116,13 @@ def _record_marks(node: yaml.Node, path: KeyPath, origins: Origins) -> list[Prob
             key_path = path + (key,)
             line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
             if key in seen:
-                problems.append(Problem(f"{origins.file}:{line}:{col}", ".".join(key_path), "duplicate key; the earlier one would be ignored"))
+                problems.append(
+                    Problem(
+                        f"{origins.file}:{line}:{col}",
+                        ".".join(key_path),
+                        "duplicate key; the earlier one would be ignored",
+                    )
+                )
             seen.add(key)
             origins.key_marks[key_path] = (line, col)
             problems += _record_marks(value_node, key_path, origins)
@@ -166,7 +175,9 @@ def _problem_from_pydantic(err: dict, origins: Origins) -> Problem:
     if kind == "missing":
         where, _ = origins.locate(path[:-1])
         description = _describe(path)
-        return Problem(where, ".".join(path), "required key is missing", f"expected: {description}" if description else "")
+        return Problem(
+            where, ".".join(path), "required key is missing", f"expected: {description}" if description else ""
+        )
     where, subject = origins.locate(path)
     hint = ""
     if kind == "literal_error" and isinstance(err.get("input"), str):
@@ -190,8 +201,13 @@ def _plain_message(err: dict) -> str:
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     expected = {
-        "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-        "list": "a list", "model": "a section (a mapping of keys)", "dict": "a mapping",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "string": "a string",
+        "list": "a list",
+        "model": "a section (a mapping of keys)",
+        "dict": "a mapping",
     }
     for prefix, words in expected.items():
         if kind.startswith(prefix + "_"):

@@ -58,15 +58,19 @@ class LoraSpec(Section):
 
     kind: Literal["lora"] = Field("lora", description="Adaptation method.")
     r: int = Field(16, gt=0, description="Rank of the update. Higher = more capacity and memory.")
-    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
+    alpha: float = Field(
+        32, gt=0, description="Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
-        description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer but the output head.",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer "
+        "but the output head.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] after adding tokens).",
+        description="Modules trained in full and saved with the adapter "
+        "(e.g. [embed_tokens, lm_head] after adding tokens).",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (rsLoRA).")
@@ -76,7 +80,9 @@ class LoraSpec(Section):
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
-    format: Literal["alpaca"] = Field("alpaca", description="Dataset adapter that turns a row into prompt and response.")
+    format: Literal["alpaca"] = Field(
+        "alpaca", description="Dataset adapter that turns a row into prompt and response."
+    )
     path: str = Field(
         description="Local .json (a list of rows, or JSON lines) or .jsonl file, a local dataset folder, or a "
         "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the current directory."

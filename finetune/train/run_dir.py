@@ -1,13 +1,13 @@
 """The run folder: everything needed to understand, resume, merge or export a run, and nothing else.
 
-    recipe.yaml        the resolved recipe, every default filled in
-    environment.json   library versions, Python, platform, device, git commit of finetune
-    data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
-    metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
-    tensorboard/       TensorBoard event files of the same metrics
-    checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
-    adapter/           the final PEFT adapter and the tokenizer
-    summary.json       status, wall time, first/last losses, parameter counts
+recipe.yaml        the resolved recipe, every default filled in
+environment.json   library versions, Python, platform, device, git commit of finetune
+data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
+tensorboard/       TensorBoard event files of the same metrics
+checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
+adapter/           the final PEFT adapter and the tokenizer
+summary.json       status, wall time, first/last losses, parameter counts
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ from pathlib import Path
 from finetune.errors import InputError
 
 TRACKED_PACKAGES = (
-    "finetune", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
-    "tokenizers", "safetensors", "pydantic",
+    "finetune",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "pydantic",
 )
 
 
@@ -44,7 +53,7 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.json")
 
     @classmethod
-    def claim(cls, path: str | Path, *, overwrite: bool) -> "RunDir":
+    def claim(cls, path: str | Path, *, overwrite: bool) -> RunDir:
         """Check, without writing anything, that a run may be written to `path`.
 
         Raises:
@@ -110,9 +119,9 @@ def environment_info(device: str) -> dict:
 
 def _git_commit(folder: Path) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None

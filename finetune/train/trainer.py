@@ -8,7 +8,9 @@ from finetune.train.run_dir import RunDir
 
 
 def mixed_precision(spec: TrainSpec, device: str) -> str:
-    """'bf16', 'fp16' or 'fp32' for this device. bf16/fp16 autocast needs a GPU here (SFTConfig's bf16 default fails on CPU).
+    """'bf16', 'fp16' or 'fp32' for this device.
+
+    Half-precision autocast needs a GPU here; SFTConfig's bf16 default fails on CPU, so auto picks fp32 there.
 
     Raises:
         InputError: half precision was asked for on a CPU run.

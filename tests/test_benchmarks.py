@@ -1,0 +1,26 @@
+"""Benchmark scripts keep working: each runs in its --quick form and writes its RESULTS.md section."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_cli_latency_quick_writes_one_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## other (2026-01-01)\n\nkept\n")
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "benchmarks/cli_latency.py", "--quick", "--results", str(results)],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| `finetune")]
+    assert len(rows) == 3
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
+    text = results.read_text()
+    assert text.count("## cli_latency") == 1 and "## other (2026-01-01)\n\nkept" in text
