@@ -59,11 +59,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     run_dir.write_json(run_dir.data, asdict(data.report))
 
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
-    trainer.train()
-    final_eval = trainer.evaluate() if data.eval else {}
+    trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
     save_adapter(model, tokenizer, run_dir.adapter)
 
-    summary = summarize(run_dir, trainer.state, final_eval, trainable, total, time.time() - started)
+    summary = summarize(run_dir, trainer.state, trainable, total, time.time() - started)
     run_dir.write_json(run_dir.summary, summary)
     return RunResult(run_dir.path, summary)
 
@@ -79,15 +78,16 @@ def save_adapter(model, tokenizer, target: Path) -> None:
     partial.rename(target)
 
 
-def summarize(run_dir, state, final_eval: dict, trainable: int, total: int, wall_time: float) -> dict:
+def summarize(run_dir, state, trainable: int, total: int, wall_time: float) -> dict:
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     return {
         "status": "finished",
         "steps": state.global_step,
         "epochs": state.epoch,
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
-        "eval_loss": final_eval.get("eval_loss"),
+        "eval_loss": eval_losses[-1] if eval_losses else None,
         "trainable_params": trainable,
         "total_params": total,
         "wall_time_s": round(wall_time, 2),

@@ -32,7 +32,7 @@ def test_run_writes_a_self_describing_folder(write_recipe, tmp_path, capsys):
 
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6, 6]  # steps 3 and 6, then the final eval
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6]
     assert all("learning_rate" in m for m in metrics if "loss" in m)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
@@ -46,7 +46,8 @@ def test_run_writes_a_self_describing_folder(write_recipe, tmp_path, capsys):
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 6
-    assert summary["eval_loss"] == metrics[-1]["eval_loss"]
+    assert summary["eval_loss"] == [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
+    assert summary["last_train_loss"] == [m["loss"] for m in metrics if "loss" in m][-1]
 
 
 def test_non_empty_output_dir_is_refused_and_left_untouched(write_recipe, tmp_path, capsys):
