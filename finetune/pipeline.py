@@ -40,7 +40,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     started = time.time()
     run_dir = RunDir.claim(recipe.output.dir, overwrite=overwrite)
     device = pick_device(recipe.train.use_cpu)
-    mixed_precision(recipe.train, device)
+    mixed_precision(recipe.train, device)  # raises now, not after loading, if the device cannot do it
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     echo_data_report(data.report, echo)

@@ -7,6 +7,7 @@ every node), `command line` for overrides.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def _reading_order(problem: Problem) -> tuple:
-    file_part, _, rest = problem.where.partition(":")
-    line, _, col = rest.partition(":")
-    on_command_line = problem.where == "command line"
-    return (on_command_line, int(line) if line.isdigit() else 0, int(col) if col.isdigit() else 0)
+def _reading_order(problem: Problem) -> tuple[bool, int, int]:
+    """File problems top to bottom, then command-line problems in the order given."""
+    position = re.search(r":(\d+):(\d+)$", problem.where)
+    line, col = (int(position[1]), int(position[2])) if position else (0, 0)
+    return (problem.where == "command line", line, col)
 
 
 def parse_yaml(text: str, origins: Origins) -> tuple[dict | None, list[Problem]]:
