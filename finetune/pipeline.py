@@ -21,6 +21,7 @@ Echo = Callable[[str], None]
 class RunResult:
     path: Path
     summary: dict
+    model: object  # the trained model, still in memory
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunResult:
@@ -33,7 +34,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
 
     from finetune.data.build import build_datasets
     from finetune.model.adapters import count_parameters, wrap_adapter
-    from finetune.model.load import load_model, load_tokenizer, pick_device
+    from finetune.model.load import load_model, load_tokenizer, pick_device, resolve_source
     from finetune.train.run_dir import RunDir, environment_info
     from finetune.train.trainer import build_trainer, mixed_precision
 
@@ -47,7 +48,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
 
     set_seed(recipe.train.seed)
     model = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)
-    model = wrap_adapter(model, recipe.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = wrap_adapter(
+        model,
+        recipe.adapter,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        tokenizer_source=resolve_source(recipe.model.tokenizer or recipe.model.name_or_path),
+    )
     trainable, total = count_parameters(model)
     echo(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}")
 
@@ -60,15 +66,16 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
 
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
     trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
-    save_adapter(model, tokenizer, run_dir.adapter)
+    artifact = run_dir.model if recipe.adapter.kind == "none" else run_dir.adapter
+    save_artifact(model, tokenizer, artifact)
 
-    summary = summarize(run_dir, trainer.state, trainable, total, time.time() - started)
+    summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)
     run_dir.write_json(run_dir.summary, summary)
-    return RunResult(run_dir.path, summary)
+    return RunResult(run_dir.path, summary, model)
 
 
-def save_adapter(model, tokenizer, target: Path) -> None:
-    """Write the PEFT adapter and tokenizer under a temporary name, then rename: never half a folder."""
+def save_artifact(model, tokenizer, target: Path) -> None:
+    """Write the adapter (or whole model) and tokenizer under a temporary name, then rename: never half a folder."""
     import shutil
 
     partial = target.with_name(target.name + ".partial")
@@ -78,9 +85,10 @@ def save_adapter(model, tokenizer, target: Path) -> None:
     partial.rename(target)
 
 
-def summarize(run_dir, state, trainable: int, total: int, wall_time: float) -> dict:
+def summarize(state, artifact: Path, trainable: int, total: int, wall_time: float) -> dict:
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    runtime = next((entry["train_runtime"] for entry in reversed(state.log_history) if "train_runtime" in entry), 0)
     return {
         "status": "finished",
         "steps": state.global_step,
@@ -88,10 +96,13 @@ def summarize(run_dir, state, trainable: int, total: int, wall_time: float) -> d
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
+        "tokens_seen": state.num_input_tokens_seen,  # non-padding tokens through the model
+        "tokens_per_s": round(state.num_input_tokens_seen / runtime, 1) if runtime else None,
+        "train_runtime_s": round(runtime, 2),
         "trainable_params": trainable,
         "total_params": total,
         "wall_time_s": round(wall_time, 2),
-        "adapter": str(run_dir.adapter),
+        "artifact": str(artifact),
     }
 
 

@@ -56,6 +56,8 @@ def write_recipe(tmp_path, tiny_model_dir):
         for section, values in sections.items():
             if values is None:
                 recipe.pop(section, None)
+            elif section == "adapter" and values.get("kind", "lora") != "lora":
+                recipe[section] = values  # LoRA's keys do not apply to other kinds
             else:
                 recipe[section] = {**recipe.get(section, {}), **values}
         path = tmp_path / name

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO, SAMPLE_DATA
 
 from finetune.cli import main
 from finetune.data.build import build_datasets
 from finetune.model.load import load_tokenizer
 from finetune.recipe.load import load_recipe
 from finetune.train.metrics import read_metrics
+
+from conftest import REPO, SAMPLE_DATA
 
 
 def test_run_writes_a_self_describing_folder(write_recipe, tmp_path, capsys):
@@ -128,3 +129,11 @@ def test_preview_text_marks_the_masked_prompt(write_recipe, capsys):
     sample_text, footer = body.rstrip().rsplit("\n\n", 1)
     assert sample_text.split("[/MASKED]", 1)[1].endswith("</s>")
     assert footer.strip() == "120 training samples; 0 dropped, 0 truncated"
+
+
+def test_half_precision_on_cpu_fails_before_anything_is_written(write_recipe, tmp_path, capsys):
+    assert main(["run", str(write_recipe(train={"precision": "bf16"}))]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: train.precision: bf16 needs a GPU; this run is on CPU (use auto or fp32)"
+    )
+    assert not (tmp_path / "run").exists()

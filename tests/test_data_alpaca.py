@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SAMPLE_DATA, write_rows
 
 from finetune.data.alpaca import format_prompt, to_conversation
 from finetune.data.build import build_datasets, split_holdout
@@ -13,6 +12,8 @@ from finetune.data.sources import read_rows
 from finetune.data.tokenize import tokenize_conversations
 from finetune.errors import DataError
 from finetune.recipe.schema import DataSpec
+
+from conftest import SAMPLE_DATA, write_rows
 
 STANFORD_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -6,11 +6,12 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO
 
 from finetune.errors import InputError
 from finetune.model.load import load_model, load_tokenizer
 from finetune.recipe.schema import ModelSpec
+
+from conftest import REPO
 
 SHIPPED = REPO / "data" / "tiny-llama"
 
@@ -64,3 +65,14 @@ def test_adapter_records_an_absolute_base_path(tiny_model_dir, monkeypatch):
     model = load_model(ModelSpec(name_or_path=f"./{tiny_model_dir.name}"), None, device="cpu")
     assert model.config.name_or_path == str(tiny_model_dir)
     assert json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_4bit_on_cpu_refuses_sizes_its_kernel_cannot_run(tiny_model_dir, tmp_path):
+    from finetune.recipe.schema import QuantSpec
+
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    with pytest.raises(InputError, match=r"^quant.bits: 4-bit weights on CPU need .* has intermediate_size=96"):
+        load_model(ModelSpec(name_or_path=str(folder)), QuantSpec(bits=4), device="cpu")

@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from finetune.cli import main
 from finetune.errors import RecipeError
 from finetune.recipe.load import load_recipe, recipe_to_yaml
 from finetune.recipe.schema import TrainSpec
+
+from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -154,3 +155,56 @@ def test_problem_in_the_file_is_not_blamed_on_an_override_of_a_sibling_key(write
     line = path.read_text().splitlines().index("  tensorboard: true") + 1
     [problem] = problems_of(path, ["output.tensorboard=false"])
     assert problem.startswith(f"{path}:{line}:3: output.dir: required key is missing")
+
+
+FORBIDDEN = {
+    "prefix-with-checkpointing": (
+        {"adapter": {"kind": "prefix"}, "train": {"gradient_checkpointing": True}},
+        "train.gradient_checkpointing: adapter.kind: prefix cannot train with gradient checkpointing",
+    ),
+    "full-finetune-of-quantized-weights": (
+        {"adapter": {"kind": "none"}, "quant": {"bits": 4}},
+        "quant.bits: adapter.kind: none (full fine-tuning) cannot train quantized weights",
+    ),
+    "dora-on-8bit": (
+        {"adapter": {"use_dora": True}, "quant": {"bits": 8}},
+        "adapter.use_dora: DoRA is not supported on an 8-bit base by peft",
+    ),
+    "warmup-twice": (
+        {"train": {"warmup_ratio": 0.1, "warmup_steps": 3}},
+        "train.warmup_steps: set either warmup_steps or warmup_ratio, not both",
+    ),
+    "eval-split-twice": (
+        {"data": {"eval_fraction": 0.1, "eval_path": str(REPO / "data" / "alpaca_sample.json")}},
+        "data.eval_fraction: set either eval_fraction or eval_path, not both",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FORBIDDEN, ids=list(FORBIDDEN))
+def test_forbidden_combinations_are_validation_errors(case, write_recipe):
+    sections, expected = FORBIDDEN[case]
+    [problem] = problems_of(write_recipe(**sections))
+    assert expected in problem
+
+
+def test_prefix_without_checkpointing_key_resolves_to_off(write_recipe):
+    assert load_recipe(write_recipe(adapter={"kind": "prefix"})).gradient_checkpointing is False
+    assert load_recipe(write_recipe(train={"gradient_checkpointing": None})).gradient_checkpointing is True
+
+
+def test_keys_of_another_adapter_kind_are_named_as_such(write_recipe):
+    path = write_recipe(adapter={"kind": "prompt", "r": 8})
+    [problem] = problems_of(path)
+    assert problem.endswith(
+        "adapter.r: unknown key; it is a key of adapter.kind: lora; "
+        "this kind takes: kind, num_virtual_tokens, init_text"
+    )
+
+
+def test_unknown_adapter_kind_suggests_the_closest(write_recipe):
+    [problem] = problems_of(write_recipe(), ["adapter.kind=prefx"])
+    assert problem == (
+        "command line: adapter.kind=prefx: must be one of 'lora', 'prefix', 'prompt', 'none' (got 'prefx'); "
+        "did you mean 'prefix'?"
+    )

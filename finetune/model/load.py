@@ -85,6 +85,8 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
     from finetune.model.quantize import build_bnb_config
 
     _check_local_weights(spec)
+    if quant is not None and quant.bits == 4 and device == "cpu":
+        _check_4bit_cpu_shapes(spec)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs = dict(
         revision=spec.revision,
@@ -131,6 +133,28 @@ def _check_local_weights(spec: ModelSpec) -> None:
         )
     if not pickled:
         raise InputError(f"model.name_or_path: {folder} has no weights (*.safetensors)")
+
+
+def _check_4bit_cpu_shapes(spec: ModelSpec) -> None:
+    """bitsandbytes' 4-bit CPU kernel fails in eval/no-grad forwards on Linear inputs not a multiple of 64."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_source(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"model.name_or_path: cannot read the config of {spec.name_or_path!r}: {_first_line(e)}"
+        ) from None
+    sizes = {key: getattr(config, key, None) for key in ("hidden_size", "intermediate_size")}
+    odd = {key: size for key, size in sizes.items() if isinstance(size, int) and size % 64}
+    if odd:
+        shown = ", ".join(f"{key}={size}" for key, size in odd.items())
+        raise InputError(
+            f"quant.bits: 4-bit weights on CPU need Linear input sizes that are multiples of 64 (bitsandbytes' CPU "
+            f"kernel); {spec.name_or_path} has {shown}. Train on a GPU, use quant.bits: 8, or remove quant."
+        )
 
 
 def _first_line(error: Exception) -> str:

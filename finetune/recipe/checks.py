@@ -61,9 +61,27 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
         problems.append(KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both"))
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
-    if recipe.adapter.use_dora and recipe.quant is not None and recipe.quant.bits == 8:
+    adapter, quant = recipe.adapter, recipe.quant
+    if adapter.kind == "lora" and adapter.use_dora and quant is not None and quant.bits == 8:
         problems.append(
             KeyProblem(("adapter", "use_dora"), "DoRA is not supported on an 8-bit base by peft", "use quant.bits: 4")
+        )
+    if adapter.kind == "none" and quant is not None:
+        problems.append(
+            KeyProblem(
+                ("quant", "bits"),
+                "adapter.kind: none (full fine-tuning) cannot train quantized weights",
+                "remove the quant section, or train an adapter (adapter.kind: lora is QLoRA)",
+            )
+        )
+    if adapter.kind == "prefix" and train.gradient_checkpointing:
+        problems.append(
+            KeyProblem(
+                ("train", "gradient_checkpointing"),
+                "adapter.kind: prefix cannot train with gradient checkpointing: checkpointed decoder layers drop "
+                "the prefix key/values",
+                "set train.gradient_checkpointing: false (or leave it out; it is then off for prefix-tuning)",
+            )
         )
     return problems
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.errors import Problem, RecipeError
 from finetune.recipe.checks import check_paths, cross_check
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import ADAPTER_SPECS, Recipe
 
 KeyPath = tuple[str, ...]
 
@@ -168,24 +168,53 @@ def validate(raw: dict, origins: Origins) -> tuple[Recipe | None, list[Problem]]
 
 
 def _problem_from_pydantic(err: dict, origins: Origins) -> Problem:
-    path = tuple(str(p) for p in err["loc"])
     kind = err["type"]
+    path, section = _key_and_section(tuple(str(p) for p in err["loc"]))
+    if kind == "union_tag_invalid":  # adapter.kind names no method
+        path, section = path + ("kind",), ADAPTER_SPECS["lora"]
+        choices = list(ADAPTER_SPECS)
+        where, subject = origins.locate(path)
+        message = f"must be one of {', '.join(repr(c) for c in choices)} (got {err['ctx']['tag']!r})"
+        return Problem(where, subject, message, _did_you_mean(err["ctx"]["tag"], choices))
     if kind == "extra_forbidden":
         where, subject = origins.locate(path, at_value=False)
-        return Problem(where, subject, "unknown key", _suggest_key(path))
+        return Problem(where, subject, "unknown key", _suggest_key(section, path[-1]))
     if kind == "missing":
         where, _ = origins.locate(path[:-1])
-        description = _describe(path)
+        description = _field(section, path[-1]).description if _field(section, path[-1]) else ""
         return Problem(
             where, ".".join(path), "required key is missing", f"expected: {description}" if description else ""
         )
     where, subject = origins.locate(path)
     hint = ""
-    if kind == "literal_error" and isinstance(err.get("input"), str):
-        choices = [str(c) for c in getattr(_field_annotation(path), "__args__", ())]
-        close = difflib.get_close_matches(err["input"], choices, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else ""
+    if kind == "literal_error" and isinstance(err.get("input"), str) and _field(section, path[-1]):
+        choices = [str(c) for c in getattr(_field(section, path[-1]).annotation, "__args__", ())]
+        hint = _did_you_mean(err["input"], choices)
     return Problem(where, subject, _plain_message(err), hint)
+
+
+def _key_and_section(loc: KeyPath) -> tuple[KeyPath, type[BaseModel] | None]:
+    """Pydantic's error location -> (the recipe key path, the schema class owning its last key).
+
+    The adapter union puts its tag in the location (`adapter.prefix.num_virtual_tokens`); the user wrote
+    `adapter.num_virtual_tokens`, and the tag says which class's keys to suggest from.
+    """
+    path: list[str] = []
+    model: type[BaseModel] | None = Recipe
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        if not parts:
+            break
+        if model is Recipe and part == "adapter" and parts[0] in ADAPTER_SPECS:
+            model = ADAPTER_SPECS[parts.pop(0)]
+            if not parts:
+                break
+        else:
+            info = model.model_fields.get(part) if model else None
+            model = _model_in(info.annotation) if info else None
+    return tuple(path), model
 
 
 def _plain_message(err: dict) -> str:
@@ -216,17 +245,6 @@ def _plain_message(err: dict) -> str:
     return err["msg"] + got
 
 
-def _section_model(path: KeyPath) -> type[BaseModel] | None:
-    """The schema class of the section at `path`, if there is one."""
-    model: type[BaseModel] | None = Recipe
-    for part in path:
-        field_info = model.model_fields.get(part) if model else None
-        if field_info is None:
-            return None
-        model = _model_in(field_info.annotation)
-    return model
-
-
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -237,32 +255,28 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _suggest_key(path: KeyPath) -> str:
-    section = _section_model(path[:-1])
+def _field(section: type[BaseModel] | None, key: str):
+    return section.model_fields.get(key) if section else None
+
+
+def _did_you_mean(given: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def _suggest_key(section: type[BaseModel] | None, key: str) -> str:
     if section is None:
         return ""
     valid = list(section.model_fields)
-    close = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
-    if not close:
-        close = [name for name in valid if path[-1] in name or name in path[-1]][:1]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close and len(key) >= 4:
+        close = [name for name in valid if key in name or name in key][:1]
     if close:
         return f"did you mean '{close[0]}'?"
+    owners = [kind for kind, spec in ADAPTER_SPECS.items() if key in spec.model_fields and spec is not section]
+    if section in ADAPTER_SPECS.values() and owners:
+        return f"it is a key of adapter.kind: {owners[0]}; this kind takes: " + ", ".join(valid)
     return "valid keys: " + ", ".join(valid)
-
-
-def _field_info(path: KeyPath):
-    section = _section_model(path[:-1])
-    return section.model_fields.get(path[-1]) if section else None
-
-
-def _field_annotation(path: KeyPath):
-    info = _field_info(path)
-    return info.annotation if info else None
-
-
-def _describe(path: KeyPath) -> str:
-    info = _field_info(path)
-    return info.description if info and info.description else ""
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -7,9 +7,9 @@ Schema). Unknown keys are errors at every level. Checks that involve more than o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -77,6 +77,61 @@ class LoraSpec(Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank.")
 
 
+class PrefixSpec(Section):
+    """Prefix-tuning (peft): trained key/value vectors prepended at every layer; the base stays frozen."""
+
+    kind: Literal["prefix"]
+    num_virtual_tokens: int = Field(30, gt=0, description="Prefix length in positions, at every layer.")
+    prefix_projection: bool = Field(
+        False,
+        description="Train the prefix through a 2-layer MLP (the paper's reparameterisation) instead of directly.",
+    )
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="Hidden size of that MLP (prefix_projection only); defaults to the model's hidden size."
+    )
+
+
+class PromptSpec(Section):
+    """Prompt tuning (peft): trained embeddings prepended to the input; the base stays frozen."""
+
+    kind: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length in tokens.")
+    init_text: str | None = Field(
+        None,
+        description="Initialise the soft prompt from the embeddings of this text (repeated or cut to length); "
+        "random when null.",
+    )
+
+
+class FullSpec(Section):
+    """Full fine-tuning: every weight of the model trains; the run folder holds a whole model."""
+
+    kind: Literal["none"]
+
+
+ADAPTER_SPECS: dict[str, type[Section]] = {
+    "lora": LoraSpec,
+    "prefix": PrefixSpec,
+    "prompt": PromptSpec,
+    "none": FullSpec,
+}
+
+
+def _adapter_kind(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("kind", "lora")  # LoRA when the kind is left out
+    return getattr(value, "kind", None)
+
+
+AdapterSpec = Annotated[
+    Annotated[LoraSpec, Tag("lora")]
+    | Annotated[PrefixSpec, Tag("prefix")]
+    | Annotated[PromptSpec, Tag("prompt")]
+    | Annotated[FullSpec, Tag("none")],
+    Discriminator(_adapter_kind),
+]
+
+
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
@@ -124,12 +179,20 @@ class TrainSpec(Section):
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd"] = Field("adamw_torch", description="Optimizer.")
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"
+    ] = Field(
+        "adamw_torch",
+        description="adamw_8bit keeps optimizer state in 8 bits (bitsandbytes, ~75% less state memory); paged_* "
+        "also pages that state to CPU memory under GPU memory pressure (QLoRA; plain on CPU).",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Mixed precision. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: much less memory, about 30% slower."
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass: much less memory, about 30% slower. "
+        "null: on, except for prefix-tuning, which cannot run with it.",
     )
     seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
     logging_steps: int = Field(10, gt=0, description="Log train loss and learning rate every N optimizer steps.")
@@ -151,7 +214,14 @@ class Recipe(Section):
 
     model: ModelSpec
     quant: QuantSpec | None = Field(None, description="Quantize the base model; omit for 16/32-bit weights.")
-    adapter: LoraSpec = Field(default_factory=LoraSpec)
+    adapter: AdapterSpec = Field(default_factory=LoraSpec, description="Adaptation method, chosen by adapter.kind.")
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     output: OutputSpec
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """train.gradient_checkpointing, with null resolved: on, except for prefix-tuning."""
+        if self.train.gradient_checkpointing is not None:
+            return self.train.gradient_checkpointing
+        return self.adapter.kind != "prefix"

@@ -6,7 +6,8 @@ data.json          data report: source hash, rows kept/dropped/truncated, token 
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
-adapter/           the final PEFT adapter and the tokenizer
+adapter/           the final PEFT adapter and the tokenizer (LoRA, prefix, prompt)
+model/             the whole fine-tuned model and the tokenizer (adapter.kind: none)
 summary.json       status, wall time, first/last losses, parameter counts
 """
 
@@ -50,6 +51,7 @@ class RunDir:
     tensorboard = property(lambda self: self.path / "tensorboard")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
+    model = property(lambda self: self.path / "model")
     summary = property(lambda self: self.path / "summary.json")
 
     @classmethod

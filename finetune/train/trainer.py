@@ -58,9 +58,9 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         # transformers 5 calls gradient checkpointing "activation checkpointing"; the recipe keeps the familiar name.
-        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=recipe.gradient_checkpointing,
         # Non-reentrant checkpointing computes adapter gradients even though every base weight is frozen.
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
@@ -70,6 +70,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and the report
         report_to="none",  # metrics.jsonl and TensorBoard are attached as callbacks, into the run folder
         # Our samples are tokenized, masked and truncated already; TRL turns completion_mask into labels.
         max_length=recipe.data.max_seq_len,
