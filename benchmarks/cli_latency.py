@@ -10,14 +10,13 @@ and writes the table into benchmarks/RESULTS.md (or --results FILE) with the dat
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import date
-from importlib import metadata
 from pathlib import Path
+
+from results import RESULTS, machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0
@@ -40,7 +39,7 @@ def time_command(args: list[str], runs: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 runs per command")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     runs = 3 if args.quick else 20
 
@@ -52,22 +51,8 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
 
-    header = (
-        f"## cli_latency ({date.today()}, {runs} fresh processes each)\n\n"
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
-        f"finetune {metadata.version('finetune')}, pydantic {metadata.version('pydantic')}\n\n"
-    )
+    header = f"## cli_latency ({runs} fresh processes each)\n\n{machine_line('pydantic')}\n\n"
     write_section(args.results, "cli_latency", header + table + "\n")
-
-
-def write_section(results: Path, name: str, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or add it), leaving the others as they are."""
-    text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    sections = text.split("\n## ")
-    kept = [s for s in sections[1:] if not s.startswith(name + " ")]
-    results.write_text(
-        "\n## ".join([sections[0].rstrip() + "\n", *kept, section.removeprefix("## ")]), encoding="utf-8"
-    )
 
 
 if __name__ == "__main__":

@@ -24,3 +24,21 @@ def test_cli_latency_quick_writes_one_section(tmp_path):
     assert all(float(row.split("|")[2]) > 0 for row in rows)
     text = results.read_text()
     assert text.count("## cli_latency") == 1 and "## other (2026-01-01)\n\nkept" in text
+
+
+def test_methods_quick_reports_each_method(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run(
+        [sys.executable, "benchmarks/methods.py", "--quick", "--results", str(results)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"lora", "prompt"}
+    for name in ("lora", "prompt"):
+        lr, trainable, rss, tokens_per_s, first, last, eval_loss = (cell.strip() for cell in rows[name])
+        assert int(trainable.replace(",", "")) > 0 and float(rss) > 0 and float(tokens_per_s) > 0
+        assert min(float(first), float(last), float(eval_loss)) > 0
+    assert "## methods (3 steps" in results.read_text()
