@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
     preview.add_argument("--json", action="store_true", help="one JSON object per line: input_ids, labels, text")
     verb("schema", cmd_schema, "print the JSON Schema of the recipe", recipe=False)
+    data = verbs.add_parser("data", help="data tools", description="data tools")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
+    goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
+    goat.add_argument("--out", required=True, help="JSONL file to write")
+    goat.add_argument("--n", type=int, default=10_000, help="number of rows (default 10000)")
+    goat.add_argument("--seed", type=int, default=0)
+    goat.add_argument("--ops", default="add,sub,mul,div", help="operations, comma-separated (default all four)")
+    goat.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    goat.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    goat.set_defaults(handler=cmd_data_goat)
     tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
@@ -110,6 +120,33 @@ def cmd_preview(args) -> int:
     if not args.json:
         dropped, truncated = len(report.dropped_rows), len(report.truncated_rows)
         print(f"{report.train_rows} training samples; {dropped} dropped, {truncated} truncated")
+    return 0
+
+
+def cmd_data_goat(args) -> int:
+    from pathlib import Path
+
+    from finetune.data import goat
+    from finetune.errors import InputError
+
+    ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    unknown = [op for op in ops if op not in goat.OPERATIONS]
+    if unknown or not ops:
+        raise InputError(
+            f"--ops: unknown operation(s) {unknown or args.ops!r}; choose from {', '.join(goat.OPERATIONS)}"
+        )
+    if args.n <= 0:
+        raise InputError(f"--n: must be greater than 0 (got {args.n})")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out: {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    with partial.open("w", encoding="utf-8") as f:
+        for row in goat.generate(args.n, args.seed, ops):
+            f.write(json.dumps(row) + "\n")
+    partial.replace(out)
+    print(f"{args.n} Goat rows ({', '.join(ops)}; seed {args.seed}) written to {out}")
     return 0
 
 

@@ -111,6 +111,8 @@ def echo_data_report(report, echo: Echo) -> None:
         f"data: {report.rows_read} rows from {report.source} -> {report.train_rows} train, {report.eval_rows} eval; "
         f"{report.train_tokens:,} train tokens ({report.trained_tokens:,} trained)"
     )
+    for warning in report.warnings:
+        echo(f"data: warning: {warning}")
     if report.truncated_rows:
         echo(
             f"data: {len(report.truncated_rows)} row(s) truncated to data.max_seq_len, e.g. {report.truncated_rows[0]}"

@@ -8,7 +8,7 @@ with a word boundary, exactly as it would when the model generates after the pro
 
 from __future__ import annotations
 
-from finetune.data.conversation import Conversation, RowError, Segment
+from finetune.data.conversation import Conversation, Segment, expect_object, text_field
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -39,23 +39,9 @@ def to_conversation(row: dict, ref: str, *, train_on_prompt: bool = False) -> Co
     Raises:
         RowError: a field is missing, not a string, or (for instruction and output) empty.
     """
-    if not isinstance(row, dict):
-        raise RowError(f"expected an object with 'instruction' and 'output', got {type(row).__name__}")
-    instruction = _text_field(row, "instruction", required=True)
-    output = _text_field(row, "output", required=True)
-    input = _text_field(row, "input", required=False)
+    expect_object(row, "instruction", "output")
+    instruction = text_field(row, "instruction", required=True)
+    output = text_field(row, "output", required=True)
+    input = text_field(row, "input", required=False)
     prompt = format_prompt(instruction, input)
     return Conversation(segments=(Segment(prompt, trained=train_on_prompt), Segment(output, trained=True)), row=ref)
-
-
-def _text_field(row: dict, key: str, *, required: bool) -> str:
-    if key not in row or row[key] is None:
-        if required:
-            raise RowError(f"'{key}' is missing")
-        return ""
-    value = row[key]
-    if not isinstance(value, str):
-        raise RowError(f"'{key}' must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise RowError(f"'{key}' is empty")
-    return value

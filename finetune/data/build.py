@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from finetune.data import alpaca
+from finetune.data import alpaca, goat
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
 from finetune.data.tokenize import Sample, tokenize_conversations
@@ -21,7 +21,7 @@ from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec
 
 Adapter = Callable[..., Conversation]
-DATASET_ADAPTERS: dict[str, Adapter] = {"alpaca": alpaca.to_conversation}
+DATASET_ADAPTERS: dict[str, Adapter] = {"alpaca": alpaca.to_conversation, "goat": goat.to_conversation}
 MAX_PROBLEMS = 20
 
 
@@ -37,6 +37,7 @@ class DataReport:
     train_tokens: int = 0
     trained_tokens: int = 0
     truncated_rows: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     dropped_rows: list[dict] = field(default_factory=list)
     fingerprint: str = ""
 
@@ -60,6 +61,7 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         DataError: bad rows, each named by file and row.
         InputError: a source that cannot be read or yields no usable sample.
     """
+    warnings = check_tokenizer(spec, tokenizer)
     source = read_rows(spec.path, spec.split, spec.max_rows)
     conversations = to_conversations(source, spec)
     if spec.eval_path is not None:
@@ -84,9 +86,20 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         trained_tokens=sum(s.trained_tokens for s in train),
         truncated_rows=[s.row for s in train + eval_ if s.truncated],
         dropped_rows=[{"row": d.row, "reason": d.reason} for d in train_dropped + eval_dropped],
+        warnings=warnings,
         fingerprint=fingerprint(train, eval_),
     )
     return BuiltData(train, eval_, report)
+
+
+def check_tokenizer(spec: DataSpec, tokenizer) -> list[str]:
+    """Warnings about the tokenizer for this data (an error where the recipe asks for one)."""
+    if spec.format != "goat":
+        return []
+    problem = goat.digit_split_problem(tokenizer)
+    if problem and spec.require_digit_split:
+        raise InputError(f"data.require_digit_split: {problem}")
+    return [problem] if problem else []
 
 
 def to_conversations(source: Rows, spec: DataSpec) -> list[Conversation]:

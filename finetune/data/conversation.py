@@ -32,3 +32,27 @@ class Conversation:
 
 class RowError(ValueError):
     """A dataset adapter cannot turn a row into a sample; the message names the field."""
+
+
+def expect_object(row, *keys: str) -> None:
+    """Raises RowError unless the row is a JSON object (a dict)."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object with {' and '.join(repr(k) for k in keys)}, got {type(row).__name__}")
+
+
+def text_field(row: dict, key: str, *, required: bool) -> str:
+    """A string field of a row; a required one must be present and not blank.
+
+    Raises:
+        RowError: the field is missing, not a string, or blank when required.
+    """
+    if key not in row or row[key] is None:
+        if required:
+            raise RowError(f"'{key}' is missing")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"'{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RowError(f"'{key}' is empty")
+    return value

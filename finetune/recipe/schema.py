@@ -135,8 +135,10 @@ AdapterSpec = Annotated[
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
-    format: Literal["alpaca"] = Field(
-        "alpaca", description="Dataset adapter that turns a row into prompt and response."
+    format: Literal["alpaca", "goat"] = Field(
+        "alpaca",
+        description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
+        "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`.",
     )
     path: str = Field(
         description="Local .json (a list of rows, or JSON lines) or .jsonl file, a local dataset folder, or a "
@@ -146,6 +148,11 @@ class DataSpec(Section):
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval."
+    )
+    require_digit_split: bool = Field(
+        False,
+        description="goat only: stop when the tokenizer merges digits (one digit per token is what makes arithmetic "
+        "learnable); when false that is only a warning.",
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (quick trials).")
     max_seq_len: int = Field(512, gt=1, description="Longest sample in tokens, prompt + response + EOS.")
