@@ -156,6 +156,13 @@ class DataSpec(Section):
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (quick trials).")
     max_seq_len: int = Field(512, gt=1, description="Longest sample in tokens, prompt + response + EOS.")
+    packing: Literal["none", "bfd", "padding_free"] = Field(
+        "none",
+        description="How samples share a forward pass. none: padded batches. padding_free: each micro-batch is "
+        "concatenated into one row with per-sample position ids, no padding. bfd: samples are first packed "
+        "best-fit-decreasing into rows of max_seq_len tokens, then run padding-free. Samples never attend to "
+        "each other in either mode.",
+    )
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on prompt tokens. Off: only the response and EOS are learned."
     )
