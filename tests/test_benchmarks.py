@@ -8,17 +8,17 @@ import sys
 from conftest import REPO
 
 
+def run_quick(script: str, results) -> str:
+    """stdout of `python benchmarks/SCRIPT --quick --results RESULTS`, run from the repository root."""
+    command = [sys.executable, f"benchmarks/{script}", "--quick", "--results", str(results)]
+    return subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
 def test_cli_latency_quick_writes_one_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## other (2026-01-01)\n\nkept\n")
     for _ in range(2):
-        out = subprocess.run(
-            [sys.executable, "benchmarks/cli_latency.py", "--quick", "--results", str(results)],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        out = run_quick("cli_latency.py", results)
     rows = [line for line in out.splitlines() if line.startswith("| `finetune")]
     assert len(rows) == 3
     assert all(float(row.split("|")[2]) > 0 for row in rows)
@@ -28,13 +28,7 @@ def test_cli_latency_quick_writes_one_section(tmp_path):
 
 def test_methods_quick_reports_each_method(tmp_path):
     results = tmp_path / "RESULTS.md"
-    out = subprocess.run(
-        [sys.executable, "benchmarks/methods.py", "--quick", "--results", str(results)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = run_quick("methods.py", results)
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"lora", "prompt"}
     for name in ("lora", "prompt"):
