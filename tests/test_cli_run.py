@@ -11,7 +11,7 @@ from finetune.cli import main
 from finetune.data.build import build_datasets
 from finetune.model.load import load_tokenizer
 from finetune.recipe.load import load_recipe
-from finetune.train.metrics import read_metrics
+from finetune.train.run_dir import read_metrics
 
 from conftest import REPO, SAMPLE_DATA
 

@@ -21,10 +21,3 @@ class MetricsFileCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Every record of a metrics.jsonl file."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -127,3 +127,10 @@ def _git_commit(folder: Path) -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl file (none if the run has not logged yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
