@@ -160,3 +160,15 @@ def test_eval_path_is_used_as_the_eval_split(tmp_path, tokenizer):
     data = build_datasets(spec, tokenizer, seed=0)
     assert (len(data.train), len(data.eval)) == (10, 3)
     assert data.eval[0].row == f"{tmp_path / 'eval.json'}: row 1"
+
+
+def test_a_dataset_folder_is_read_through_datasets_load_dataset(tmp_path, tokenizer):
+    rows = json.loads(SAMPLE_DATA.read_text())[:6]
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = read_rows(str(folder), split="train")
+    assert source.rows == rows
+    assert source.refs[2] == f"{folder} [train]: row 3"
+    data = build_datasets(DataSpec(path=str(folder)), tokenizer, seed=0)
+    assert data.report.train_rows == 6 and data.report.source_sha256
