@@ -148,3 +148,37 @@ def test_a_tokenizer_that_merges_digits_is_flagged(tokenizer):
     spec = DataSpec(format="goat", path=str(SAMPLE_DATA), require_digit_split=True)
     with pytest.raises(InputError, match=r"^data.require_digit_split: tokenizer .* merges digits"):
         build_datasets(spec, merging, seed=0)
+
+
+def test_a_recipe_can_generate_its_goat_rows(write_recipe, tokenizer):
+    from finetune.recipe.load import load_recipe
+
+    path = write_recipe(data={"format": "goat", "path": None, "goat": {"n": 40, "seed": 7, "ops": ["mul", "div"]}})
+    recipe = load_recipe(path)
+    data = build_datasets(recipe.data, tokenizer, seed=0)
+    assert data.report.rows_read == 40 and data.report.source == "goat generator (seed 7)"
+    expected = [goat.to_conversation(row, "r") for row in goat.generate_from_spec(recipe.data.goat)]
+    assert [tokenizer.decode(s.input_ids, skip_special_tokens=True) for s in data.train] == [
+        tokenizer.decode(s.input_ids, skip_special_tokens=True)
+        for s in tokenize_conversations(expected, tokenizer, recipe.data.max_seq_len)[0]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"format": "goat", "goat": {"n": 5}}, "data.goat: set either data.path or data.goat, not both"),
+        ({"path": None, "goat": {"n": 5}}, "data.goat: generates Goat rows, so it needs data.format: goat"),
+        (
+            {"format": "goat", "path": None, "goat": {"div_divisor_digits": 9}},
+            "data.goat.div_divisor_digits: must not exceed data.goat.div_dividend_digits",
+        ),
+    ],
+)
+def test_goat_generator_settings_are_checked(data, expected, write_recipe):
+    from finetune.errors import RecipeError
+    from finetune.recipe.load import load_recipe
+
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(write_recipe(data=data))
+    assert [expected in str(p) for p in raised.value.problems] == [True]

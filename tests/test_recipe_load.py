@@ -61,7 +61,10 @@ def test_missing_required_keys_point_at_their_section(write_recipe, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"model: {{name_or_path: {write_recipe().parent}}}\ndata:\n  format: alpaca\noutput: {{}}\n")
     problems = problems_of(path)
-    assert problems[0].startswith(f"{path}:3:3: data.path: required key is missing; expected: Local .json")
+    assert problems[0] == (
+        f"{path}:3:3: data.path: required key is missing; "
+        "expected: a .json/.jsonl file, dataset folder or hub id (or data.goat to generate Goat rows)"
+    )
     assert problems[1].startswith(f"{path}:4:9: output.dir: required key is missing")
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from finetune.data.conversation import Conversation, Segment, expect_object, text_field
+from finetune.recipe.schema import GoatSpec
 
 OPERATIONS = ("add", "sub", "mul", "div")
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -193,6 +194,18 @@ def digit_split_problem(tokenizer) -> str | None:
         return None
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     return f"tokenizer {name} merges digits ({example!r} -> pieces {merged}); Goat relies on one digit per token"
+
+
+def generate_from_spec(spec: GoatSpec) -> Iterator[dict]:
+    """The rows a recipe's `data.goat` section asks for."""
+    limits = Limits(
+        add_sub=spec.add_sub_digits,
+        mul_by_digit=spec.add_sub_digits,
+        mul_multi=spec.mul_digits,
+        div_dividend=spec.div_dividend_digits,
+        div_divisor=spec.div_divisor_digits,
+    )
+    return generate(spec.n, spec.seed, tuple(spec.ops), limits)
 
 
 def format_prompt(instruction: str) -> str:

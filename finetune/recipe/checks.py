@@ -36,8 +36,21 @@ def check_paths(raw: dict) -> list[KeyProblem]:
     reported together with schema errors elsewhere in the recipe."""
     section = lambda name: raw.get(name) if isinstance(raw.get(name), dict) else {}  # noqa: E731
     problems = []
+    data = section("data")
+    if "data" in raw and data.get("path") is None and data.get("goat") is None:
+        problems.append(
+            KeyProblem(
+                ("data", "path"),
+                "required key is missing",
+                "expected: a .json/.jsonl file, dataset folder or hub id (or data.goat to generate Goat rows)",
+            )
+        )
+    if data.get("path") is not None and data.get("goat") is not None:
+        problems.append(KeyProblem(("data", "goat"), "set either data.path or data.goat, not both"))
+    if data.get("goat") is not None and data.get("format", "alpaca") != "goat":
+        problems.append(KeyProblem(("data", "goat"), "generates Goat rows, so it needs data.format: goat"))
     for key in ("path", "eval_path"):
-        value = section("data").get(key)
+        value = data.get(key)
         if isinstance(value, str):
             problems += _check_data_source(key, value)
     for key in ("name_or_path", "tokenizer"):
@@ -61,6 +74,10 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
         problems.append(KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both"))
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
+    if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:
+        problems.append(
+            KeyProblem(("data", "goat", "div_divisor_digits"), "must not exceed data.goat.div_dividend_digits")
+        )
     adapter, quant = recipe.adapter, recipe.quant
     if adapter.kind == "lora" and adapter.use_dora and quant is not None and quant.bits == 8:
         problems.append(

@@ -132,6 +132,22 @@ AdapterSpec = Annotated[
 ]
 
 
+class GoatSpec(Section):
+    """Generate Goat arithmetic rows instead of reading a file (data.format: goat)."""
+
+    n: int = Field(50_000, gt=0, description="Rows to generate; the operations take turns.")
+    seed: int = Field(0, description="Generator seed: the same seed gives the same rows.")
+    ops: list[Literal["add", "sub", "mul", "div"]] = Field(
+        default_factory=lambda: ["add", "sub", "mul", "div"], min_length=1, description="Operations to include."
+    )
+    add_sub_digits: int = Field(
+        16, gt=0, description="Longest operand of additions, subtractions and multiplications by one digit, in digits."
+    )
+    mul_digits: int = Field(5, ge=2, description="Longest factor of multi-digit multiplications (chain of thought).")
+    div_dividend_digits: int = Field(8, gt=0, description="Longest dividend of divisions.")
+    div_divisor_digits: int = Field(5, gt=0, description="Longest divisor of divisions.")
+
+
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
@@ -140,10 +156,13 @@ class DataSpec(Section):
         description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
         "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`.",
     )
-    path: str = Field(
+    path: str | None = Field(
+        None,
         description="Local .json (a list of rows, or JSON lines) or .jsonl file, a local dataset folder, or a "
-        "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the current directory."
+        "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the current directory. "
+        "Required unless data.goat generates the rows.",
     )
+    goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of data.path (format: goat).")
     split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
