@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
     preview.add_argument("--json", action="store_true", help="one JSON object per line: input_ids, labels, text")
     verb("schema", cmd_schema, "print the JSON Schema of the recipe", recipe=False)
+    evaluate = verbs.add_parser("eval", help="score a finished Goat run by exact match; writes RUN_DIR/eval.json")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--n", type=int, default=500, help="held-out problems to score (default 500)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    evaluate.set_defaults(handler=cmd_eval)
     data = verbs.add_parser("data", help="data tools", description="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
     goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
@@ -120,6 +126,16 @@ def cmd_preview(args) -> int:
     if not args.json:
         dropped, truncated = len(report.dropped_rows), len(report.truncated_rows)
         print(f"{report.train_rows} training samples; {dropped} dropped, {truncated} truncated")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from finetune.eval.goat import format_table
+    from finetune.pipeline import evaluate
+
+    result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
+    print(format_table(result))
+    print(f"written to {args.run_dir}/eval.json")
     return 0
 
 

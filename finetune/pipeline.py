@@ -131,3 +131,34 @@ def preview(recipe: Recipe, count: int):
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     return tokenizer, data.train[:count], data.report
+
+
+def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: Echo = print):
+    """Score a finished Goat run by exact match on held-out problems; writes eval.json into its folder.
+
+    Raises:
+        InputError: not a run folder, or not a Goat run.
+    """
+    from finetune.data.goat import format_prompt
+    from finetune.errors import InputError
+    from finetune.eval.generate import generate_greedy, load_trained, read_run_recipe
+    from finetune.eval.goat import held_out_rows, score
+    from finetune.model.load import pick_device
+    from finetune.train.run_dir import RunDir
+
+    run_dir = RunDir(Path(run_path))
+    recipe = read_run_recipe(run_dir.path)
+    if recipe.data.format != "goat":
+        raise InputError(
+            f"{run_dir.path}: finetune eval scores exact match for data.format: goat runs; this run's data.format "
+            f"is {recipe.data.format} (its eval loss is in metrics.jsonl)"
+        )
+    model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
+    rows, source = held_out_rows(recipe.data, recipe.train.seed, n)
+    echo(f"eval: {len(rows)} problems from {source}")
+    longest = max(len(tokenizer(row["output"], add_special_tokens=False).input_ids) for row in rows)
+    prompts = [format_prompt(row["instruction"]) for row in rows]
+    completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=longest + 8, batch_size=batch_size)
+    result = score(rows, completions, source)
+    run_dir.write_json(run_dir.path / "eval.json", result.to_json())
+    return result

@@ -1,0 +1,74 @@
+"""Load a run's trained model from its folder alone, and generate from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import InputError
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import Recipe
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run folder was trained with.
+
+    Raises:
+        InputError: the folder is not a run folder.
+    """
+    if not (run_dir / "recipe.yaml").is_file():
+        raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    return load_recipe(run_dir / "recipe.yaml")
+
+
+def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
+    """(model, tokenizer) of a finished run: the base named in its recipe plus adapter/, or model/.
+
+    Raises:
+        InputError: the run has no trained artifact.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.model.load import ensure_pad_token, load_model
+
+    artifact = run_dir / ("model" if recipe.adapter.kind == "none" else "adapter")
+    if not artifact.is_dir():
+        raise InputError(f"{run_dir}: has no {artifact.name}/; did the run finish?")
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    ensure_pad_token(tokenizer)
+    if recipe.adapter.kind == "none":
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype="auto").to(device)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer), artifact
+        )
+    model.eval()
+    return model, tokenizer
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions of `prompts`, tokenized as in training (BOS, then the prompt without special tokens).
+
+    Batches are left-padded; the KV cache is always on (prefix-tuning cannot generate without it).
+    """
+    import torch
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [bos + tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        output = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return completions

@@ -1,0 +1,58 @@
+"""Goat exact-match evaluation: scoring, held-out selection, and `finetune eval` on a real run folder."""
+
+from __future__ import annotations
+
+import json
+
+from finetune.cli import main
+from finetune.data import goat
+from finetune.eval.goat import format_table, held_out_rows, score
+from finetune.recipe.schema import DataSpec, GoatSpec
+
+
+def test_reference_solutions_score_100_percent_and_wrong_ones_zero():
+    rows = list(goat.generate(200, seed=3))
+    perfect = score(rows, [row["output"] for row in rows], "test")
+    assert perfect.accuracy == 1.0 and sum(cell.n for cell in perfect.cells) == 200
+    assert {cell.op for cell in perfect.cells} == set(goat.OPERATIONS)
+    wrong = score(rows, ["= 12345678901234567890"] * len(rows), "test")
+    assert wrong.accuracy == 0.0 and len(wrong.mistakes) == 20
+    table = format_table(perfect)
+    assert table.startswith("exact match 200/200 = 100.0% on test") and "mul (*)" in table
+
+
+def test_fresh_held_out_problems_never_appear_in_training():
+    spec = DataSpec(format="goat", goat=GoatSpec(n=300, seed=1, ops=["add"], add_sub_digits=2))
+    rows, source = held_out_rows(spec, seed=0, n=50)
+    train_inputs = {row["input"] for row in goat.generate_from_spec(spec.goat)}
+    assert len(rows) == 50 and not train_inputs & {row["input"] for row in rows}
+    assert source == "50 generated problems absent from the training rows"
+
+
+def test_eval_split_rows_are_the_runs_own_held_out_rows():
+    spec = DataSpec(format="goat", goat=GoatSpec(n=100, seed=2), eval_fraction=0.1)
+    rows, source = held_out_rows(spec, seed=5, n=500)
+    assert len(rows) == 10 and source == "the run's held-out 10%"
+
+
+def test_finetune_eval_scores_a_goat_run_and_writes_eval_json(write_recipe, tmp_path, capsys):
+    recipe = write_recipe(
+        data={"format": "goat", "path": None, "goat": {"n": 64, "seed": 0, "ops": ["add", "sub"], "add_sub_digits": 3}}
+    )
+    assert main(["run", str(recipe), "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--n", "24", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("eval: 24 problems from 24 generated problems absent from the training rows")
+    assert "exact match" in out and "add (+)" in out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["n"] == 24 and sum(cell["n"] for cell in result["cells"]) == 24
+    assert 0 <= result["accuracy"] <= 1
+
+
+def test_eval_of_an_alpaca_run_is_refused(write_recipe, tmp_path, capsys):
+    assert main(["run", str(write_recipe()), "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "scores exact match for data.format: goat runs; this run's data.format is alpaca" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "eval.json").exists()
