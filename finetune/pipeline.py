@@ -45,6 +45,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     echo_data_report(data.report, echo)
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the tokenizer: inference formats alike
 
     set_seed(recipe.train.seed)
     model = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)

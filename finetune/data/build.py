@@ -13,15 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from finetune.data import alpaca, goat
+from finetune.data import alpaca, goat, lima
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
+from finetune.data.templates import resolve_chat_template, template_warnings
 from finetune.data.tokenize import Sample, tokenize_conversations
 from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec
 
 Adapter = Callable[..., Conversation]
-DATASET_ADAPTERS: dict[str, Adapter] = {"alpaca": alpaca.to_conversation, "goat": goat.to_conversation}
+DATASET_ADAPTERS: dict[str, Adapter] = {
+    "alpaca": alpaca.to_conversation,
+    "goat": goat.to_conversation,
+    "lima": lima.to_conversation,
+}
 MAX_PROBLEMS = 20
 
 
@@ -47,6 +52,7 @@ class BuiltData:
     train: list[Sample]
     eval: list[Sample]
     report: DataReport
+    chat_template: str | None = None  # the template lima rows were rendered with; saved with the tokenizer
 
 
 def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
@@ -62,11 +68,16 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         InputError: a source that cannot be read or yields no usable sample.
     """
     warnings = check_tokenizer(spec, tokenizer)
+    template = None
+    if spec.format == "lima":
+        template_name, template = resolve_chat_template(spec.chat_template, tokenizer)
+        warnings += template_warnings(template_name, tokenizer)
+    adapter = make_adapter(spec, tokenizer, template)
     source = load_rows(spec)
-    conversations = to_conversations(source, spec)
+    conversations = to_conversations(source, adapter)
     if spec.eval_path is not None:
         train_convs = conversations
-        eval_convs = to_conversations(read_rows(spec.eval_path, spec.split), spec)
+        eval_convs = to_conversations(read_rows(spec.eval_path, spec.split), adapter)
     else:
         train_convs, eval_convs = split_holdout(conversations, spec.eval_fraction, seed)
     train, train_dropped = tokenize_conversations(train_convs, tokenizer, spec.max_seq_len, spec.overlong)
@@ -89,7 +100,7 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         warnings=warnings,
         fingerprint=fingerprint(train, eval_),
     )
-    return BuiltData(train, eval_, report)
+    return BuiltData(train, eval_, report, template)
 
 
 def load_rows(spec: DataSpec) -> Rows:
@@ -112,9 +123,22 @@ def check_tokenizer(spec: DataSpec, tokenizer) -> list[str]:
     return [problem] if problem else []
 
 
-def to_conversations(source: Rows, spec: DataSpec) -> list[Conversation]:
-    """Apply the dataset adapter to every row, collecting every bad row before failing."""
+def make_adapter(spec: DataSpec, tokenizer, template: str | None) -> Adapter:
+    """`adapter(row, ref) -> Conversation` for the recipe's format, with its settings bound."""
     adapter = partial(DATASET_ADAPTERS[spec.format], train_on_prompt=spec.train_on_prompt)
+    if spec.format != "lima":
+        return adapter
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return partial(adapter, render=render, train_on=spec.train_on)
+
+
+def to_conversations(source: Rows, adapter: Adapter) -> list[Conversation]:
+    """Apply the dataset adapter to every row, collecting every bad row before failing."""
     conversations, problems = [], []
     for row, ref in zip(source.rows, source.refs, strict=True):
         try:

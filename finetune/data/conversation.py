@@ -22,12 +22,18 @@ class Conversation:
             tokenizer would merge text across it.
         row: where the sample came from, for messages (`data/x.json: row 3`).
         add_eos: append the tokenizer's EOS after the last segment, with the last segment's mask, so the
-            model learns to stop.
+            model learns to stop (chat templates write their own end-of-turn tokens).
+        whole_text: the segments are pieces of one rendered text that already holds its special tokens
+            (a chat template). They are tokenized as growing prefixes of that text, and each prefix's ids
+            must begin with the previous prefix's ids, so every prompt gets exactly the ids that
+            `apply_chat_template` gives it at inference. Otherwise each segment is tokenized on its own,
+            after a BOS.
     """
 
     segments: tuple[Segment, ...]
     row: str
     add_eos: bool = True
+    whole_text: bool = False
 
 
 class RowError(ValueError):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from finetune.data.conversation import Conversation
+from finetune.data.conversation import Conversation, RowError
 from finetune.errors import DataError, Problem
 
 Overlong = Literal["truncate", "drop", "error"]
@@ -51,15 +51,21 @@ def tokenize_conversations(
     Raises:
         DataError: with `overlong="error"`, naming every row longer than `max_seq_len`.
     """
-    texts = [segment.text for conv in conversations for segment in conv.segments]
+    texts = [text for conv in conversations for text in texts_to_encode(conv)]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    samples, dropped, too_long = [], [], []
+    samples, dropped, problems = [], [], []
     for conv in conversations:
-        ids, mask = ([bos], [int(conv.segments[0].trained)]) if bos is not None else ([], [])
-        for segment in conv.segments:
+        encodings = [next(encoded) for _ in conv.segments]
+        try:
+            pieces = split_prefixes(encodings) if conv.whole_text else encodings
+        except RowError as e:
+            problems.append(Problem(conv.row, "", str(e)))
+            continue
+        starts_with_bos = bos is not None and not conv.whole_text
+        ids, mask = ([bos], [int(conv.segments[0].trained)]) if starts_with_bos else ([], [])
+        for segment, piece in zip(conv.segments, pieces, strict=True):
             last_segment_start = len(ids)
-            piece = next(encoded)
             ids += piece
             mask += [int(segment.trained)] * len(piece)
         if conv.add_eos and eos is not None:
@@ -68,13 +74,41 @@ def tokenize_conversations(
         if len(ids) <= max_seq_len:
             samples.append(Sample(ids, mask, conv.row))
         elif overlong == "error":
-            too_long.append(Problem(conv.row, "", f"{len(ids)} tokens, longer than data.max_seq_len={max_seq_len}"))
+            problems.append(Problem(conv.row, "", f"{len(ids)} tokens, longer than data.max_seq_len={max_seq_len}"))
         elif overlong == "drop":
             dropped.append(Dropped(conv.row, f"{len(ids)} tokens > max_seq_len {max_seq_len}"))
         elif last_segment_start < max_seq_len:
             samples.append(Sample(ids[:max_seq_len], mask[:max_seq_len], conv.row, truncated=True))
         else:
             dropped.append(Dropped(conv.row, f"prompt fills max_seq_len {max_seq_len}: no response token left"))
-    if too_long:
-        raise DataError(too_long[:20], omitted=max(0, len(too_long) - 20))
+    if problems:
+        raise DataError(problems[:20], omitted=max(0, len(problems) - 20))
     return samples, dropped
+
+
+def texts_to_encode(conv: Conversation) -> list[str]:
+    """One text per segment: the segment itself, or (whole_text) the text up to the segment's end."""
+    if not conv.whole_text:
+        return [segment.text for segment in conv.segments]
+    ends = [len(segment.text) for segment in conv.segments]
+    whole = "".join(segment.text for segment in conv.segments)
+    return [whole[: sum(ends[: i + 1])] for i in range(len(ends))]
+
+
+def split_prefixes(encodings: list[list[int]]) -> list[list[int]]:
+    """Ids of growing prefixes of one text -> the ids each prefix adds, checking nothing before it changed.
+
+    Raises:
+        RowError: a prefix's ids do not begin with the previous prefix's ids (the tokenizer merged
+            across a segment boundary, so the mask there would be a guess).
+    """
+    pieces, previous = [], []
+    for number, ids in enumerate(encodings, start=1):
+        if ids[: len(previous)] != previous:
+            raise RowError(
+                f"the tokenizer merges text across the end of segment {number - 1} of the chat template's "
+                "output, so the loss mask cannot be placed exactly there"
+            )
+        pieces.append(ids[len(previous) :])
+        previous = ids
+    return pieces

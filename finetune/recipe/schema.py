@@ -151,10 +151,19 @@ class GoatSpec(Section):
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
-    format: Literal["alpaca", "goat"] = Field(
+    format: Literal["alpaca", "goat", "lima"] = Field(
         "alpaca",
         description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
-        "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`.",
+        "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`. lima: "
+        "conversations (LIMA's `conversations` list or `messages`) through a chat template.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="lima only: the tokenizer's own template when null (lima when it has none), a name "
+        "(lima, chatml), or a Jinja string. Saved with the trained tokenizer.",
+    )
+    train_on: Literal["all_assistant_turns", "last_turn"] = Field(
+        "all_assistant_turns", description="lima only: which assistant turns are trained; user turns never are."
     )
     path: str | None = Field(
         None,

@@ -1,0 +1,121 @@
+"""LIMA-style conversations: chat templates, per-turn masks, and prompts identical to inference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.cli import main
+from finetune.data.build import build_datasets
+from finetune.errors import DataError, InputError
+from finetune.recipe.schema import DataSpec
+
+CONVERSATION = ["What is 2 + 2?", "It is 4.", "And 3 + 3?", "That is 6."]
+MESSAGES = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(CONVERSATION)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def trained_text(sample, tokenizer) -> list[str]:
+    """The decoded runs of trained tokens, in order."""
+    runs, current = [], []
+    for token, trained in zip(sample.input_ids, sample.completion_mask, strict=True):
+        if trained:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("template", [None, "lima", "chatml"])
+def test_every_assistant_turn_is_trained_and_nothing_else(template, tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}])
+    [sample] = build_datasets(DataSpec(format="lima", path=str(path), chat_template=template), tokenizer, 0).train
+    runs = trained_text(sample, tokenizer)
+    assert len(runs) == 2
+    assert runs[0].strip().startswith("It is 4.") and runs[1].strip().startswith("That is 6.")
+    end_of_turn = "<|im_end|>" if template == "chatml" else "</s>"
+    assert all(end_of_turn in run for run in runs)  # the model learns to end its turn
+
+
+def test_last_turn_only(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}])
+    spec = DataSpec(format="lima", path=str(path), train_on="last_turn")
+    [sample] = build_datasets(spec, tokenizer, 0).train
+    assert [run.strip() for run in trained_text(sample, tokenizer)] == ["That is 6.</s>"]
+
+
+def test_conversations_and_messages_forms_give_the_same_sample(tmp_path, tokenizer):
+    path = write_jsonl(
+        tmp_path / "chat.jsonl", [{"conversations": CONVERSATION, "source": "x"}, {"messages": MESSAGES}]
+    )
+    first, second = build_datasets(DataSpec(format="lima", path=str(path)), tokenizer, 0).train
+    assert (first.input_ids, first.completion_mask) == (second.input_ids, second.completion_mask)
+
+
+def test_malformed_conversations_are_named_by_row_and_reason(tmp_path, tokenizer):
+    rows = [
+        {"conversations": ["hi", "hello"]},
+        {"conversations": ["only a question"]},
+        {"messages": [{"role": "assistant", "content": "I speak first"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"conversations": ["question", "   "]},
+        {"text": "no turns"},
+        {"conversations": "not a list"},
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as raised:
+        build_datasets(DataSpec(format="lima", path=str(path)), tokenizer, 0)
+    assert str(raised.value).splitlines() == [
+        f"{path}:2: the last turn is from the user; a conversation must end with an assistant answer",
+        f"{path}:3: turn 1 is from 'assistant', expected 'user' (turns must alternate)",
+        f"{path}:4: turn 2 is from 'user', expected 'assistant' (turns must alternate)",
+        f"{path}:5: turn 2 (assistant) is empty",
+        f"{path}:6: neither 'conversations' nor 'messages' is present",
+        f"{path}:7: 'conversations' must be a list of strings (user, assistant, user, ...)",
+    ]
+
+
+def test_custom_jinja_template_and_unknown_names(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION[:2]}])
+    custom = (
+        "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}"
+    )
+    data = build_datasets(DataSpec(format="lima", path=str(path), chat_template=custom), tokenizer, 0)
+    assert data.chat_template == custom
+    assert tokenizer.decode(data.train[0].input_ids) == "<s>[user] What is 2 + 2?\n[assistant] It is 4.</s>"
+    with pytest.raises(InputError, match="data.chat_template: 'vicuna' is neither a template name"):
+        build_datasets(DataSpec(format="lima", path=str(path), chat_template="vicuna"), tokenizer, 0)
+
+
+def test_trained_prompt_ids_equal_the_saved_tokenizers_chat_template(write_recipe, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}] * 8)
+    recipe = write_recipe(data={"format": "lima", "path": str(path), "chat_template": "lima"})
+    assert main(["run", str(recipe), "train.max_steps=1"]) == 0
+    assert main(["preview", str(recipe), "-n", "1", "--json"]) == 0
+    sample = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter")
+    for turns in (1, 3):  # the prompt before each assistant answer
+        prompt = saved.apply_chat_template(MESSAGES[:turns], add_generation_prompt=True, tokenize=True)
+        prompt_ids = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+        assert sample["input_ids"][: len(prompt_ids)] == list(prompt_ids)
+        assert sample["labels"][len(prompt_ids) - 1] == -100 and sample["labels"][len(prompt_ids)] != -100
+
+
+def test_the_tokenizers_own_template_is_the_default(tmp_path, tiny_model_dir):
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.schema import ModelSpec
+
+    own = load_tokenizer(ModelSpec(name_or_path=str(tiny_model_dir)))
+    own.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION[:2]}])
+    assert build_datasets(DataSpec(format="lima", path=str(path)), own, 0).chat_template == own.chat_template
