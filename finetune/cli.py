@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     goat.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     goat.add_argument("--debug", action="store_true", help="show the traceback of errors")
     goat.set_defaults(handler=cmd_data_goat)
+    stats = data_verbs.add_parser("stats", help="rows, tokens, masks, duplicates and drops of a recipe's data")
+    stats.add_argument("recipe", metavar="RECIPE", help="YAML recipe file")
+    stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key")
+    stats.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    stats.set_defaults(handler=cmd_data_stats)
     tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
@@ -115,10 +120,11 @@ def cmd_preview(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from finetune.data.preview import render_sample, sample_record
-    from finetune.pipeline import preview
+    from finetune.pipeline import prepare_data
 
-    tokenizer, samples, report = preview(recipe, args.n)
-    for number, sample in enumerate(samples, start=1):
+    tokenizer, data = prepare_data(recipe)
+    report = data.report
+    for number, sample in enumerate(data.train[: args.n], start=1):
         if args.json:
             print(json.dumps(sample_record(sample, tokenizer), ensure_ascii=False))
         else:
@@ -136,6 +142,17 @@ def cmd_eval(args) -> int:
     result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
     print(format_table(result))
     print(f"written to {args.run_dir}/eval.json")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.data.stats import format_stats
+    from finetune.pipeline import prepare_data
+
+    print(format_stats(prepare_data(recipe)[1]))
     return 0
 
 

@@ -115,6 +115,10 @@ def echo_data_report(report, echo: Echo) -> None:
     )
     for warning in report.warnings:
         echo(f"data: warning: {warning}")
+    if report.duplicate_rows:
+        echo(
+            f"data: {len(report.duplicate_rows)} duplicate row(s) removed (data.dedup), e.g. {report.duplicate_rows[0]}"
+        )
     if report.truncated_rows:
         echo(
             f"data: {len(report.truncated_rows)} row(s) truncated to data.max_seq_len, e.g. {report.truncated_rows[0]}"
@@ -125,14 +129,13 @@ def echo_data_report(report, echo: Echo) -> None:
         echo(f"data: ... {len(report.dropped_rows) - 5} more dropped rows are listed in data.json")
 
 
-def preview(recipe: Recipe, count: int):
-    """The tokenizer and the first `count` training samples, exactly as training will see them."""
+def prepare_data(recipe: Recipe):
+    """(tokenizer, built data): the samples exactly as training will see them, without loading the model."""
     from finetune.data.build import build_datasets
     from finetune.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
-    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
-    return tokenizer, data.train[:count], data.report
+    return tokenizer, build_datasets(recipe.data, tokenizer, recipe.train.seed)
 
 
 def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: Echo = print):

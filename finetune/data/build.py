@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,7 +18,7 @@ from finetune.data import alpaca, goat, lima
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
 from finetune.data.templates import resolve_chat_template, template_warnings
-from finetune.data.tokenize import Sample, tokenize_conversations
+from finetune.data.tokenize import Dropped, Sample, tokenize_conversations
 from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec
 
@@ -42,6 +43,7 @@ class DataReport:
     train_tokens: int = 0
     trained_tokens: int = 0
     truncated_rows: list[str] = field(default_factory=list)
+    duplicate_rows: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dropped_rows: list[dict] = field(default_factory=list)
     fingerprint: str = ""
@@ -80,8 +82,13 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         eval_convs = to_conversations(read_rows(spec.eval_path, spec.split), adapter)
     else:
         train_convs, eval_convs = split_holdout(conversations, spec.eval_fraction, seed)
+    seen: set[str] = set()
+    train_convs, train_duplicates = drop_duplicates(train_convs, spec.dedup, seen)
+    eval_convs, eval_duplicates = drop_duplicates(eval_convs, spec.dedup, seen)
     train, train_dropped = tokenize_conversations(train_convs, tokenizer, spec.max_seq_len, spec.overlong)
     eval_, eval_dropped = tokenize_conversations(eval_convs, tokenizer, spec.max_seq_len, spec.overlong)
+    train, train_short = drop_short(train, spec.min_tokens)
+    eval_, eval_short = drop_short(eval_, spec.min_tokens)
     if not train:
         raise InputError(
             f"{spec.path}: no training sample left after applying data.overlong={spec.overlong} "
@@ -96,7 +103,10 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         train_tokens=sum(len(s.input_ids) for s in train),
         trained_tokens=sum(s.trained_tokens for s in train),
         truncated_rows=[s.row for s in train + eval_ if s.truncated],
-        dropped_rows=[{"row": d.row, "reason": d.reason} for d in train_dropped + eval_dropped],
+        duplicate_rows=train_duplicates + eval_duplicates,
+        dropped_rows=[
+            {"row": d.row, "reason": d.reason} for d in train_dropped + eval_dropped + train_short + eval_short
+        ],
         warnings=warnings,
         fingerprint=fingerprint(train, eval_),
     )
@@ -148,6 +158,39 @@ def to_conversations(source: Rows, adapter: Adapter) -> list[Conversation]:
     if problems:
         raise DataError(problems[:MAX_PROBLEMS], omitted=max(0, len(problems) - MAX_PROBLEMS))
     return conversations
+
+
+def text_key(conv: Conversation, mode: str) -> str:
+    """What two samples must share to count as duplicates."""
+    text = "".join(segment.text for segment in conv.segments)
+    if mode == "exact":
+        return text
+    kept = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+    return " ".join(kept.split())
+
+
+def drop_duplicates(convs: list[Conversation], mode: str, seen: set[str]) -> tuple[list[Conversation], list[str]]:
+    """Keep the first of each group of repeated samples (counting those already in `seen`); returns the rest's rows."""
+    if mode == "none":
+        return convs, []
+    kept, duplicates = [], []
+    for conv in convs:
+        key = text_key(conv, mode)
+        if key in seen:
+            duplicates.append(conv.row)
+        else:
+            seen.add(key)
+            kept.append(conv)
+    return kept, duplicates
+
+
+def drop_short(samples: list[Sample], min_tokens: int) -> tuple[list[Sample], list[Dropped]]:
+    short = [
+        Dropped(s.row, f"{len(s.input_ids)} tokens < data.min_tokens {min_tokens}")
+        for s in samples
+        if len(s.input_ids) < min_tokens
+    ]
+    return [s for s in samples if len(s.input_ids) >= min_tokens], short
 
 
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:

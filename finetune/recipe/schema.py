@@ -177,6 +177,13 @@ class DataSpec(Section):
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval."
     )
+    dedup: Literal["none", "exact", "normalized"] = Field(
+        "none",
+        description="Drop repeated samples (prompt + response text). exact: identical text. normalized: equal "
+        "after lower-casing and removing punctuation and extra whitespace. Eval rows that repeat a training row "
+        "are dropped too, so the eval split never holds training data.",
+    )
+    min_tokens: int = Field(0, ge=0, description="Drop samples shorter than this many tokens (0 keeps all).")
     require_digit_split: bool = Field(
         False,
         description="goat only: stop when the tokenizer merges digits (one digit per token is what makes arithmetic "
