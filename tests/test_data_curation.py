@@ -55,3 +55,13 @@ def test_data_stats_reports_counts_masks_and_a_histogram(write_recipe, tmp_path,
     histogram = out[out.index("tokens per sample") + 1 :]
     assert sum(int(line.split()[1]) for line in histogram) == 3
     assert json.loads(path.read_text()) == ROWS  # the source file is untouched
+
+
+def test_bad_rows_can_be_skipped_and_are_then_listed(tmp_path, tokenizer):
+    path = write_rows(tmp_path / "rows.json", [*ROWS, {"instruction": "no output"}, {"output": "no instruction"}])
+    report = build_datasets(DataSpec(path=str(path), on_bad_row="skip"), tokenizer, 0).report
+    assert report.train_rows == 5
+    assert report.dropped_rows == [
+        {"row": f"{path}: row 6", "reason": "skipped (data.on_bad_row): 'output' is missing"},
+        {"row": f"{path}: row 7", "reason": "skipped (data.on_bad_row): 'instruction' is missing"},
+    ]

@@ -76,10 +76,11 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         warnings += template_warnings(template_name, tokenizer)
     adapter = make_adapter(spec, tokenizer, template)
     source = load_rows(spec)
-    conversations = to_conversations(source, adapter)
+    conversations, skipped = to_conversations(source, adapter, spec.on_bad_row)
     if spec.eval_path is not None:
         train_convs = conversations
-        eval_convs = to_conversations(read_rows(spec.eval_path, spec.split), adapter)
+        eval_convs, eval_skipped = to_conversations(read_rows(spec.eval_path, spec.split), adapter, spec.on_bad_row)
+        skipped += eval_skipped
     else:
         train_convs, eval_convs = split_holdout(conversations, spec.eval_fraction, seed)
     seen: set[str] = set()
@@ -105,7 +106,8 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         truncated_rows=[s.row for s in train + eval_ if s.truncated],
         duplicate_rows=train_duplicates + eval_duplicates,
         dropped_rows=[
-            {"row": d.row, "reason": d.reason} for d in train_dropped + eval_dropped + train_short + eval_short
+            {"row": d.row, "reason": d.reason}
+            for d in skipped + train_dropped + eval_dropped + train_short + eval_short
         ],
         warnings=warnings,
         fingerprint=fingerprint(train, eval_),
@@ -147,17 +149,17 @@ def make_adapter(spec: DataSpec, tokenizer, template: str | None) -> Adapter:
     return partial(adapter, render=render, train_on=spec.train_on)
 
 
-def to_conversations(source: Rows, adapter: Adapter) -> list[Conversation]:
-    """Apply the dataset adapter to every row, collecting every bad row before failing."""
+def to_conversations(source: Rows, adapter: Adapter, on_bad_row: str = "error") -> tuple[list, list[Dropped]]:
+    """Apply the dataset adapter to every row: every bad row is named at once, or (skip) returned as dropped."""
     conversations, problems = [], []
     for row, ref in zip(source.rows, source.refs, strict=True):
         try:
             conversations.append(adapter(row, ref))
         except RowError as e:
             problems.append(Problem(ref, "", str(e)))
-    if problems:
+    if problems and on_bad_row == "error":
         raise DataError(problems[:MAX_PROBLEMS], omitted=max(0, len(problems) - MAX_PROBLEMS))
-    return conversations
+    return conversations, [Dropped(p.where, f"skipped (data.on_bad_row): {p.message}") for p in problems]
 
 
 def text_key(conv: Conversation, mode: str) -> str:

@@ -183,6 +183,11 @@ class DataSpec(Section):
         "after lower-casing and removing punctuation and extra whitespace. Eval rows that repeat a training row "
         "are dropped too, so the eval split never holds training data.",
     )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A row the adapter cannot read (missing field, wrong type, turns that do not alternate). "
+        "error: stop and name every such row. skip: leave them out, print how many, list them in data.json.",
+    )
     min_tokens: int = Field(0, ge=0, description="Drop samples shorter than this many tokens (0 keeps all).")
     require_digit_split: bool = Field(
         False,
