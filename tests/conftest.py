@@ -12,6 +12,21 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Tokenized-data cache in a temporary folder, so tests neither read nor fill the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get("FINETUNE_CACHE_DIR")
+    os.environ["FINETUNE_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["FINETUNE_CACHE_DIR"]
+    else:
+        os.environ["FINETUNE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder that `from_pretrained` loads: config, safetensors weights, tokenizer (built from a seed)."""

@@ -11,10 +11,10 @@ import math
 import random
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
-from finetune.data import alpaca, goat, lima
+from finetune.data import alpaca, cache, goat, lima
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
 from finetune.data.templates import resolve_chat_template, template_warnings
@@ -45,6 +45,7 @@ class DataReport:
     truncated_rows: list[str] = field(default_factory=list)
     duplicate_rows: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    cache: str = "off"  # hit, miss (built and stored) or off (data.cache: false)
     dropped_rows: list[dict] = field(default_factory=list)
     fingerprint: str = ""
 
@@ -58,7 +59,7 @@ class BuiltData:
 
 
 def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
-    """Read, convert, split and tokenize the recipe's data.
+    """Read, convert, split and tokenize the recipe's data (or take it from the cache).
 
     Args:
         spec: the recipe's `data` section.
@@ -74,12 +75,28 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     if spec.format == "lima":
         template_name, template = resolve_chat_template(spec.chat_template, tokenizer)
         warnings += template_warnings(template_name, tokenizer)
-    adapter = make_adapter(spec, tokenizer, template)
     source = load_rows(spec)
+    eval_source = read_rows(spec.eval_path, spec.split) if spec.eval_path is not None else None
+    key = cache.cache_key(spec, source.sha256 + (eval_source.sha256 if eval_source else ""), tokenizer, template, seed)
+    cached = cache.load(key) if spec.cache else None
+    if cached is not None:
+        report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings})
+        return BuiltData(cached["train"], cached["eval"], report, template)
+    built = tokenize_sources(spec, tokenizer, template, source, eval_source, seed)
+    built.report.warnings = warnings
+    if spec.cache:
+        cache.store(key, {"train": built.train, "eval": built.eval, "report": asdict(built.report)})
+        built.report.cache = "miss"
+    return built
+
+
+def tokenize_sources(spec: DataSpec, tokenizer, template, source: Rows, eval_source: Rows | None, seed: int):
+    """Rows -> conversations -> split -> dedup -> tokens -> filters, with every dropped row accounted for."""
+    adapter = make_adapter(spec, tokenizer, template)
     conversations, skipped = to_conversations(source, adapter, spec.on_bad_row)
-    if spec.eval_path is not None:
+    if eval_source is not None:
         train_convs = conversations
-        eval_convs, eval_skipped = to_conversations(read_rows(spec.eval_path, spec.split), adapter, spec.on_bad_row)
+        eval_convs, eval_skipped = to_conversations(eval_source, adapter, spec.on_bad_row)
         skipped += eval_skipped
     else:
         train_convs, eval_convs = split_holdout(conversations, spec.eval_fraction, seed)
@@ -92,8 +109,8 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     eval_, eval_short = drop_short(eval_, spec.min_tokens)
     if not train:
         raise InputError(
-            f"{spec.path}: no training sample left after applying data.overlong={spec.overlong} "
-            f"with data.max_seq_len={spec.max_seq_len}"
+            f"{source.name}: no training sample left after data.overlong={spec.overlong}, "
+            f"data.max_seq_len={spec.max_seq_len}, data.min_tokens={spec.min_tokens} and data.dedup={spec.dedup}"
         )
     report = DataReport(
         source=source.name,
@@ -109,7 +126,6 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
             {"row": d.row, "reason": d.reason}
             for d in skipped + train_dropped + eval_dropped + train_short + eval_short
         ],
-        warnings=warnings,
         fingerprint=fingerprint(train, eval_),
     )
     return BuiltData(train, eval_, report, template)

@@ -188,6 +188,11 @@ class DataSpec(Section):
         description="A row the adapter cannot read (missing field, wrong type, turns that do not alternate). "
         "error: stop and name every such row. skip: leave them out, print how many, list them in data.json.",
     )
+    cache: bool = Field(
+        True,
+        description="Reuse tokenized data from $FINETUNE_CACHE_DIR (default ~/.cache/finetune/data), keyed on the "
+        "rows, tokenizer, chat template and every data setting.",
+    )
     min_tokens: int = Field(0, ge=0, description="Drop samples shorter than this many tokens (0 keeps all).")
     require_digit_split: bool = Field(
         False,

@@ -1,0 +1,69 @@
+"""Tokenized data cached on disk, under a key that covers everything the tokens depend on.
+
+The key hashes the source rows' fingerprint, the whole tokenizer (vocabulary, merges, normalizer,
+special tokens), the chat template, every data setting, the split seed and the finetune version, so a
+change to any of them is a miss. Entries are JSON: readable, and nothing in them runs code when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune import __version__
+from finetune.data.tokenize import Sample
+from finetune.recipe.schema import DataSpec
+
+CACHE_ENV = "FINETUNE_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """$FINETUNE_CACHE_DIR, else ~/.cache/finetune/data."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "finetune" / "data")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((type(tokenizer).__name__ + described + specials).encode()).hexdigest()
+
+
+def cache_key(spec: DataSpec, source_sha256: str, tokenizer, template: str | None, seed: int) -> str:
+    parts = {
+        "source": source_sha256,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template,
+        "data": spec.model_dump(mode="json"),
+        "seed": seed,
+        "finetune": __version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def load(key: str) -> dict | None:
+    """The cached payload for `key`, or None (absent or unreadable: the data is simply rebuilt)."""
+    path = cache_dir() / f"{key}.json"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    payload["train"] = [Sample(**s) for s in payload["train"]]
+    payload["eval"] = [Sample(**s) for s in payload["eval"]]
+    return payload
+
+
+def store(key: str, payload: dict) -> None:
+    """Write atomically; a cache that cannot be written is skipped, never an error."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{key}.json.partial"
+        body = {**payload, "train": [asdict(s) for s in payload["train"]], "eval": [asdict(s) for s in payload["eval"]]}
+        partial.write_text(json.dumps(body), encoding="utf-8")
+        partial.replace(folder / f"{key}.json")
+    except OSError:
+        pass
