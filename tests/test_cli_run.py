@@ -137,3 +137,12 @@ def test_half_precision_on_cpu_fails_before_anything_is_written(write_recipe, tm
         "error: train.precision: bf16 needs a GPU; this run is on CPU (use auto or fp32)"
     )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_min_lr_is_where_the_schedule_ends(scheduler, write_recipe, tmp_path):
+    path = write_recipe(train={"max_steps": 6, "lr": 1e-3, "min_lr": 1e-4, "lr_scheduler": scheduler})
+    assert main(["run", str(path)]) == 0
+    rates = [m["learning_rate"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "learning_rate" in m]
+    assert rates == sorted(rates, reverse=True) and rates[0] == pytest.approx(1e-3)
+    assert 1e-4 <= rates[-1] < 3e-4  # the step-6 rate, one step before the floor

@@ -173,6 +173,11 @@ FORBIDDEN = {
         {"adapter": {"use_dora": True}, "quant": {"bits": 8}},
         "adapter.use_dora: DoRA is not supported on an 8-bit base by peft",
     ),
+    "min-lr-on-constant-schedule": (
+        {"train": {"lr_scheduler": "constant", "min_lr": 1e-6}},
+        "train.min_lr: applies to linear and cosine schedules, not constant",
+    ),
+    "min-lr-above-lr": ({"train": {"lr": 1e-5, "min_lr": 1e-4}}, "train.min_lr: must be below train.lr (1e-05)"),
     "warmup-twice": (
         {"train": {"warmup_ratio": 0.1, "warmup_steps": 3}},
         "train.warmup_steps: set either warmup_steps or warmup_ratio, not both",

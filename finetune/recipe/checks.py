@@ -72,6 +72,12 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
     train, data = recipe.train, recipe.data
     if train.warmup_ratio is not None and train.warmup_steps is not None:
         problems.append(KeyProblem(("train", "warmup_steps"), "set either warmup_steps or warmup_ratio, not both"))
+    if train.min_lr is not None and train.lr_scheduler not in ("linear", "cosine"):
+        problems.append(
+            KeyProblem(("train", "min_lr"), f"applies to linear and cosine schedules, not {train.lr_scheduler}")
+        )
+    if train.min_lr is not None and train.min_lr >= train.lr:
+        problems.append(KeyProblem(("train", "min_lr"), f"must be below train.lr ({train.lr:g})"))
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:

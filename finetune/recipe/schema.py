@@ -232,6 +232,11 @@ class TrainSpec(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
+    min_lr: float | None = Field(
+        None,
+        ge=0,
+        description="Learning rate at the end of a linear or cosine schedule (both end at 0 when null).",
+    )
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps (excludes warmup_ratio).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -33,12 +33,22 @@ def warmup(spec: TrainSpec) -> float:
     return spec.warmup_ratio or 0
 
 
+def schedule(spec: TrainSpec) -> tuple[str, dict]:
+    """(scheduler name, kwargs) for TrainingArguments; a floor (min_lr) needs a different scheduler."""
+    if spec.min_lr is None:
+        return spec.lr_scheduler, {}
+    if spec.lr_scheduler == "linear":  # polynomial decay of power 1 is linear, and it ends at lr_end
+        return "polynomial", {"lr_end": spec.min_lr, "power": 1.0}
+    return "cosine_with_min_lr", {"min_lr": spec.min_lr}
+
+
 def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool):
     """Every training argument of the run, from the recipe only."""
     from trl import SFTConfig
 
     train = recipe.train
     precision = mixed_precision(train, device)
+    scheduler, scheduler_kwargs = schedule(train)
     return SFTConfig(
         output_dir=str(run.checkpoints),
         num_train_epochs=train.epochs,
@@ -47,7 +57,8 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         per_device_eval_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
-        lr_scheduler_type=train.lr_scheduler,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
         warmup_steps=warmup(train),
         weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1,
