@@ -119,3 +119,16 @@ def test_the_tokenizers_own_template_is_the_default(tmp_path, tiny_model_dir):
     own.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
     path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION[:2]}])
     assert build_datasets(DataSpec(format="lima", path=str(path)), own, 0).chat_template == own.chat_template
+
+
+@pytest.mark.parametrize("template", ["lima", "chatml"])
+def test_the_shipped_sample_conversations_all_build(template, tokenizer):
+    from conftest import REPO
+
+    spec = DataSpec(
+        format="lima", path=str(REPO / "data" / "lima_sample.jsonl"), chat_template=template, max_seq_len=4096
+    )
+    data = build_datasets(spec, tokenizer, 0)
+    assert data.report.rows_read == 50 and data.report.train_rows == 50 and not data.report.dropped_rows
+    multi_turn = [s for s in data.train if len(trained_text(s, tokenizer)) > 1]
+    assert len(multi_turn) == 10  # the ten multi-turn conversations train every answer

@@ -35,10 +35,12 @@ def reload_artifact(run_dir, recipe):
 @pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    generated = load_recipe(f"recipes/{name}").data.goat is not None
+    data = load_recipe(f"recipes/{name}").data
+    sample = {"alpaca": f"data.path={SAMPLE_DATA}", "lima": f"data.path={REPO / 'data' / 'lima_sample.jsonl'}"}
     overrides = [
         f"model.name_or_path={tiny_model_dir}",
-        "data.goat.n=64" if generated else f"data.path={SAMPLE_DATA}",
+        "data.goat.n=64" if data.goat is not None else sample[data.format],
+        "data.max_seq_len=512",
         "train.max_steps=3",
         "train.grad_accum=2",
         f"output.dir={tmp_path / 'run'}",
