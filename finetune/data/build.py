@@ -1,7 +1,8 @@
 """Data spec -> tokenized train/eval samples and a report of what happened to every row.
 
-Steps, in order: read rows -> adapter (row -> Conversation) -> split -> tokenize -> report. Every bad
-row is reported at once, by file and row; every dropped or truncated row is counted in the report.
+Steps, in order: read rows -> adapter (row -> Conversation) -> split -> dedup -> tokenize -> length filter
+-> report, skipped when the cache holds the result. Every bad row is reported at once, by file and row;
+every dropped, duplicate or truncated row is listed in the report.
 """
 
 from __future__ import annotations
