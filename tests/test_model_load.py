@@ -76,3 +76,19 @@ def test_4bit_on_cpu_refuses_sizes_its_kernel_cannot_run(tiny_model_dir, tmp_pat
     (folder / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
     with pytest.raises(InputError, match=r"^quant.bits: 4-bit weights on CPU need .* has intermediate_size=96"):
         load_model(ModelSpec(name_or_path=str(folder)), QuantSpec(bits=4), device="cpu")
+
+
+def test_an_unreachable_hub_id_is_a_clear_error_not_a_traceback(write_recipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe(model={"name_or_path": "no-such-org/no-such-model"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here either way; offline makes it fail at once
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "run", str(recipe)], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: model.name_or_path: cannot load a tokenizer from 'no-such-org/no-such-model'")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
