@@ -50,7 +50,8 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def write_recipe(tmp_path, tiny_model_dir):
-    """write_recipe(**sections) -> path of a recipe on the tiny model and the sample data, sections merged in."""
+    """write_recipe(**sections) -> path of a recipe on the tiny model and the sample data, sections merged in
+    (a key given as None is removed; a section given as None is removed)."""
 
     def write(name: str = "recipe.yaml", **sections) -> Path:
         recipe = {
@@ -73,8 +74,9 @@ def write_recipe(tmp_path, tiny_model_dir):
                 recipe.pop(section, None)
             elif section == "adapter" and values.get("kind", "lora") != "lora":
                 recipe[section] = values  # LoRA's keys do not apply to other kinds
-            else:
-                recipe[section] = {**recipe.get(section, {}), **values}
+            else:  # a key given as None is removed
+                merged = {**recipe.get(section, {}), **values}
+                recipe[section] = {key: value for key, value in merged.items() if value is not None}
         path = tmp_path / name
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         return path

@@ -21,7 +21,7 @@ from finetune.data.sources import Rows, read_rows
 from finetune.data.templates import resolve_chat_template, template_warnings
 from finetune.data.tokenize import Dropped, Sample, tokenize_conversations
 from finetune.errors import DataError, InputError, Problem
-from finetune.recipe.schema import DataSpec
+from finetune.recipe.schema import DataSpec, SourceSpec
 
 Adapter = Callable[..., Conversation]
 DATASET_ADAPTERS: dict[str, Adapter] = {
@@ -71,19 +71,21 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
         DataError: bad rows, each named by file and row.
         InputError: a source that cannot be read or yields no usable sample.
     """
-    warnings = check_tokenizer(spec, tokenizer)
+    sources = sources_of(spec)
+    warnings = check_tokenizer(spec, sources, tokenizer)
     template = None
-    if spec.format == "lima":
+    if any(source.format == "lima" for source in sources):
         template_name, template = resolve_chat_template(spec.chat_template, tokenizer)
         warnings += template_warnings(template_name, tokenizer)
-    source = load_rows(spec)
-    eval_source = read_rows(spec.eval_path, spec.split) if spec.eval_path is not None else None
-    key = cache.cache_key(spec, source.sha256 + (eval_source.sha256 if eval_source else ""), tokenizer, template, seed)
+    rows = [load_rows(source) for source in sources]
+    eval_rows = read_rows(spec.eval_path, spec.split) if spec.eval_path is not None else None
+    digests = "".join(r.sha256 for r in rows) + (eval_rows.sha256 if eval_rows else "")
+    key = cache.cache_key(spec, digests, tokenizer, template, seed)
     cached = cache.load(key) if spec.cache else None
     if cached is not None:
         report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings})
         return BuiltData(cached["train"], cached["eval"], report, template)
-    built = tokenize_sources(spec, tokenizer, template, source, eval_source, seed)
+    built = tokenize_sources(spec, sources, rows, eval_rows, tokenizer, template, seed)
     built.report.warnings = warnings
     if spec.cache:
         cache.store(key, {"train": built.train, "eval": built.eval, "report": asdict(built.report)})
@@ -91,38 +93,60 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     return built
 
 
-def tokenize_sources(spec: DataSpec, tokenizer, template, source: Rows, eval_source: Rows | None, seed: int):
-    """Rows -> conversations -> split -> dedup -> tokens -> filters, with every dropped row accounted for."""
-    adapter = make_adapter(spec, tokenizer, template)
-    conversations, skipped = to_conversations(source, adapter, spec.on_bad_row)
-    if eval_source is not None:
-        train_convs = conversations
-        eval_convs, eval_skipped = to_conversations(eval_source, adapter, spec.on_bad_row)
-        skipped += eval_skipped
-    else:
-        train_convs, eval_convs = split_holdout(conversations, spec.eval_fraction, seed)
+def sources_of(spec: DataSpec) -> list[SourceSpec]:
+    """data.sources, or the single source that data.format/path/goat describe."""
+    if spec.sources:
+        return list(spec.sources)
+    return [SourceSpec(format=spec.format, path=spec.path, goat=spec.goat, split=spec.split, max_rows=spec.max_rows)]
+
+
+def tokenize_sources(spec, sources, rows: list[Rows], eval_rows: Rows | None, tokenizer, template, seed: int):
+    """Rows -> conversations -> split -> dedup -> weight -> tokens -> filters, every dropped row accounted for.
+
+    Each source is split on its own (seed + its index), so adding a source never changes which rows of
+    another are held out; weights apply to training rows only.
+    """
+    train_convs, eval_convs, skipped, duplicates = [], [], [], []
     seen: set[str] = set()
-    train_convs, train_duplicates = drop_duplicates(train_convs, spec.dedup, seen)
-    eval_convs, eval_duplicates = drop_duplicates(eval_convs, spec.dedup, seen)
+    for index, (source, source_rows) in enumerate(zip(sources, rows, strict=True)):
+        adapter = make_adapter(source.format, spec, tokenizer, template)
+        conversations, bad = to_conversations(source_rows, adapter, spec.on_bad_row)
+        skipped += bad
+        held_out_fraction = 0.0 if eval_rows is not None else spec.eval_fraction
+        source_train, source_eval = split_holdout(conversations, held_out_fraction, seed + index)
+        source_train, repeated = drop_duplicates(source_train, spec.dedup, seen)
+        duplicates += repeated
+        train_convs += weighted(source_train, source.weight, seed + index)
+        eval_convs += source_eval
+    if eval_rows is not None:
+        eval_convs, bad = to_conversations(
+            eval_rows, make_adapter(spec.format, spec, tokenizer, template), spec.on_bad_row
+        )
+        skipped += bad
+    eval_convs, repeated = drop_duplicates(eval_convs, spec.dedup, seen)
+    duplicates += repeated
     train, train_dropped = tokenize_conversations(train_convs, tokenizer, spec.max_seq_len, spec.overlong)
     eval_, eval_dropped = tokenize_conversations(eval_convs, tokenizer, spec.max_seq_len, spec.overlong)
     train, train_short = drop_short(train, spec.min_tokens)
     eval_, eval_short = drop_short(eval_, spec.min_tokens)
+    name = " + ".join(r.name for r in rows)
     if not train:
         raise InputError(
-            f"{source.name}: no training sample left after data.overlong={spec.overlong}, "
+            f"{name}: no training sample left after data.overlong={spec.overlong}, "
             f"data.max_seq_len={spec.max_seq_len}, data.min_tokens={spec.min_tokens} and data.dedup={spec.dedup}"
         )
     report = DataReport(
-        source=source.name,
-        source_sha256=source.sha256,
-        rows_read=len(source.rows),
+        source=name,
+        source_sha256=rows[0].sha256
+        if len(rows) == 1
+        else hashlib.sha256("".join(r.sha256 for r in rows).encode()).hexdigest(),
+        rows_read=sum(len(r.rows) for r in rows),
         train_rows=len(train),
         eval_rows=len(eval_),
         train_tokens=sum(len(s.input_ids) for s in train),
         trained_tokens=sum(s.trained_tokens for s in train),
         truncated_rows=[s.row for s in train + eval_ if s.truncated],
-        duplicate_rows=train_duplicates + eval_duplicates,
+        duplicate_rows=duplicates,
         dropped_rows=[
             {"row": d.row, "reason": d.reason}
             for d in skipped + train_dropped + eval_dropped + train_short + eval_short
@@ -132,8 +156,15 @@ def tokenize_sources(spec: DataSpec, tokenizer, template, source: Rows, eval_sou
     return BuiltData(train, eval_, report, template)
 
 
-def load_rows(spec: DataSpec) -> Rows:
-    """The training rows: read from data.path, or generated by data.goat."""
+def weighted(items: list, weight: float, seed: int) -> list:
+    """`items` repeated by the whole part of `weight`, plus a seeded sample of the fractional part."""
+    whole, fraction = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(items, round(fraction * len(items))) if fraction else []
+    return items * whole + extra
+
+
+def load_rows(spec: SourceSpec | DataSpec) -> Rows:
+    """A source's rows: read from its path, or generated by its goat section."""
     if spec.goat is None:
         return read_rows(spec.path, spec.split, spec.max_rows)
     rows = list(goat.generate_from_spec(spec.goat))[: spec.max_rows]
@@ -142,9 +173,9 @@ def load_rows(spec: DataSpec) -> Rows:
     return Rows(name, rows, [f"{name}: row {i}" for i in range(1, len(rows) + 1)], digest)
 
 
-def check_tokenizer(spec: DataSpec, tokenizer) -> list[str]:
+def check_tokenizer(spec: DataSpec, sources: list[SourceSpec], tokenizer) -> list[str]:
     """Warnings about the tokenizer for this data (an error where the recipe asks for one)."""
-    if spec.format != "goat":
+    if not any(source.format == "goat" for source in sources):
         return []
     problem = goat.digit_split_problem(tokenizer)
     if problem and spec.require_digit_split:
@@ -152,10 +183,10 @@ def check_tokenizer(spec: DataSpec, tokenizer) -> list[str]:
     return [problem] if problem else []
 
 
-def make_adapter(spec: DataSpec, tokenizer, template: str | None) -> Adapter:
-    """`adapter(row, ref) -> Conversation` for the recipe's format, with its settings bound."""
-    adapter = partial(DATASET_ADAPTERS[spec.format], train_on_prompt=spec.train_on_prompt)
-    if spec.format != "lima":
+def make_adapter(format: str, spec: DataSpec, tokenizer, template: str | None) -> Adapter:
+    """`adapter(row, ref) -> Conversation` for a format, with the data section's settings bound."""
+    adapter = partial(DATASET_ADAPTERS[format], train_on_prompt=spec.train_on_prompt)
+    if format != "lima":
         return adapter
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:

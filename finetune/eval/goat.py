@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from finetune.data import goat
-from finetune.data.build import load_rows, split_holdout
+from finetune.data.build import load_rows, sources_of, split_holdout
 from finetune.data.sources import read_rows
 from finetune.recipe.schema import DataSpec, GoatSpec
 
@@ -56,11 +56,20 @@ def held_out_rows(spec: DataSpec, seed: int, n: int) -> tuple[list[dict], str]:
     """
     if spec.eval_path is not None:
         return read_rows(spec.eval_path, spec.split).rows[:n], f"data.eval_path {spec.eval_path}"
-    rows = load_rows(spec).rows
+    # the Goat sources, each split with seed + its index as training split them
+    sources = [(index, source) for index, source in enumerate(sources_of(spec)) if source.format == "goat"]
+    per_source = [(index, source, load_rows(source).rows) for index, source in sources]
     if spec.eval_fraction > 0:
-        return split_holdout(rows, spec.eval_fraction, seed)[1][:n], f"the run's held-out {spec.eval_fraction:.0%}"
+        held_out = [
+            row for index, _, rows in per_source for row in split_holdout(rows, spec.eval_fraction, seed + index)[1]
+        ]
+        return held_out[:n], f"the run's held-out {spec.eval_fraction:.0%}"
+    rows = [row for _, _, source_rows in per_source for row in source_rows]
     seen = {row.get("input") for row in rows}
-    generator = spec.goat or GoatSpec(n=n, ops=sorted({goat.operation_of(r["input"])[0] for r in rows}))
+    generators = [source.goat for _, source, _ in per_source if source.goat is not None]
+    generator = (
+        generators[0] if generators else GoatSpec(n=n, ops=sorted({goat.operation_of(r["input"])[0] for r in rows}))
+    )
     fresh = []
     for row in goat.generate_from_spec(generator.model_copy(update={"n": 20 * n, "seed": generator.seed + 1})):
         if row["input"] not in seen:

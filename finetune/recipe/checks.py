@@ -35,24 +35,13 @@ def check_paths(raw: dict) -> list[KeyProblem]:
     """Local files and folders the recipe names must exist. Works on the raw mapping, so these are
     reported together with schema errors elsewhere in the recipe."""
     section = lambda name: raw.get(name) if isinstance(raw.get(name), dict) else {}  # noqa: E731
-    problems = []
     data = section("data")
-    if "data" in raw and data.get("path") is None and data.get("goat") is None:
-        problems.append(
-            KeyProblem(
-                ("data", "path"),
-                "required key is missing",
-                "expected: a .json/.jsonl file, dataset folder or hub id (or data.goat to generate Goat rows)",
-            )
-        )
-    if data.get("path") is not None and data.get("goat") is not None:
-        problems.append(KeyProblem(("data", "goat"), "set either data.path or data.goat, not both"))
-    if data.get("goat") is not None and data.get("format", "alpaca") != "goat":
-        problems.append(KeyProblem(("data", "goat"), "generates Goat rows, so it needs data.format: goat"))
-    for key in ("path", "eval_path"):
-        value = data.get(key)
-        if isinstance(value, str):
-            problems += _check_data_source(key, value)
+    if isinstance(data.get("sources"), list):
+        problems = _check_sources(data)
+    elif "data" in raw:
+        problems = _check_single_source(data)
+    else:
+        problems = []
     for key in ("name_or_path", "tokenizer"):
         value = section("model").get(key)
         if isinstance(value, str) and looks_local(value) and not Path(value).expanduser().is_dir():
@@ -106,6 +95,52 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 "set train.gradient_checkpointing: false (or leave it out; it is then off for prefix-tuning)",
             )
         )
+    return problems
+
+
+def _check_single_source(data: dict) -> list[KeyProblem]:
+    problems = []
+    if data.get("path") is None and data.get("goat") is None:
+        problems.append(
+            KeyProblem(
+                ("data", "path"),
+                "required key is missing",
+                "expected: a .json/.jsonl file, dataset folder or hub id (or data.goat to generate Goat rows)",
+            )
+        )
+    if data.get("path") is not None and data.get("goat") is not None:
+        problems.append(KeyProblem(("data", "goat"), "set either data.path or data.goat, not both"))
+    if data.get("goat") is not None and data.get("format", "alpaca") != "goat":
+        problems.append(KeyProblem(("data", "goat"), "generates Goat rows, so it needs data.format: goat"))
+    for key in ("path", "eval_path"):
+        value = data.get(key)
+        if isinstance(value, str):
+            problems += _check_data_source(key, value)
+    return problems
+
+
+def _check_sources(data: dict) -> list[KeyProblem]:
+    problems = [
+        KeyProblem(("data", key), "data.sources replaces it; set it on each source")
+        for key in ("path", "goat", "format")
+        if key in data
+    ]
+    if data.get("eval_path") is not None:
+        problems.append(KeyProblem(("data", "eval_path"), "with data.sources, hold rows out with data.eval_fraction"))
+    for i, source in enumerate(data["sources"]):
+        if not isinstance(source, dict):
+            continue
+        if source.get("path") is None and source.get("goat") is None:
+            problems.append(KeyProblem(("data", "sources", str(i)), "needs a path (or goat to generate rows)"))
+        elif source.get("path") is not None and source.get("goat") is not None:
+            problems.append(KeyProblem(("data", "sources", str(i), "goat"), "set either path or goat, not both"))
+        elif source.get("goat") is not None and source.get("format", "alpaca") != "goat":
+            problems.append(KeyProblem(("data", "sources", str(i), "goat"), "generates Goat rows: format: goat"))
+        if isinstance(source.get("path"), str):
+            problems += [
+                KeyProblem(("data", "sources", str(i), "path"), p.message, p.hint)
+                for p in _check_data_source("path", source["path"])
+            ]
     return problems
 
 

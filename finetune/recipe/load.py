@@ -127,6 +127,11 @@ def _record_marks(node: yaml.Node, path: KeyPath, origins: Origins) -> list[Prob
             seen.add(key)
             origins.key_marks[key_path] = (line, col)
             problems += _record_marks(value_node, key_path, origins)
+    elif isinstance(node, yaml.SequenceNode):  # list items are located by index, as pydantic names them
+        for index, item in enumerate(node.value):
+            item_path = path + (str(index),)
+            origins.key_marks[item_path] = (item.start_mark.line + 1, item.start_mark.column + 1)
+            problems += _record_marks(item, item_path, origins)
     return problems
 
 

@@ -148,10 +148,29 @@ class GoatSpec(Section):
     div_divisor_digits: int = Field(5, gt=0, description="Longest divisor of divisions.")
 
 
+Format = Literal["alpaca", "goat", "lima"]
+
+
+class SourceSpec(Section):
+    """One of several data sets mixed in a recipe (data.sources); the data section's other keys apply to all."""
+
+    format: Format = Field("alpaca", description="Dataset adapter for this source's rows.")
+    path: str | None = Field(None, description="File, dataset folder or hub id, as data.path.")
+    goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of a path (format: goat).")
+    split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most the first N rows of this source.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Share in the mix: this source's training rows are repeated by the whole part and sampled "
+        "(seeded) by the fraction, e.g. 2 = twice, 0.5 = a random half. Held-out rows are not weighted.",
+    )
+
+
 class DataSpec(Section):
     """Where the training rows come from and how they become tokens."""
 
-    format: Literal["alpaca", "goat", "lima"] = Field(
+    format: Format = Field(
         "alpaca",
         description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
         "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`. lima: "
@@ -173,6 +192,12 @@ class DataSpec(Section):
     )
     goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of data.path (format: goat).")
     split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    sources: list[SourceSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Several data sets in one run, each with its own format and path (or goat); replaces "
+        "data.format, data.path and data.goat. One chat template serves every lima source.",
+    )
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval."
