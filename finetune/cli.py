@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", metavar="OUT", help="folder to write")
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64 (default 128)")
+    tiny.add_argument("--intermediate-size", type=int, default=256, help="a multiple of 64 (default 256)")
+    tiny.add_argument("--init-std", type=float, default=0.1, help="std of the random weights (default 0.1)")
     return parser
 
 
@@ -185,9 +189,15 @@ def cmd_data_goat(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
-    from finetune.model.tiny import build_tiny_llama
+    from finetune.model.tiny import TinyShape, build_tiny_llama
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
-    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed)}")
+    shape = TinyShape(
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        initializer_range=args.init_std,
+    )
+    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
     return 0

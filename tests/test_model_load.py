@@ -92,3 +92,18 @@ def test_an_unreachable_hub_id_is_a_clear_error_not_a_traceback(write_recipe, tm
     assert done.stderr.startswith("error: model.name_or_path: cannot load a tokenizer from 'no-such-org/no-such-model'")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_tiny_model_command_builds_the_shape_asked_for(tmp_path, capsys):
+    from finetune.cli import main
+
+    out = tmp_path / "tiny"
+    args = ["tiny-model", str(out), "--corpus", str(REPO / "data" / "alpaca_sample.json"), "--layers", "3"]
+    assert main([*args, "--hidden-size", "64", "--intermediate-size", "192", "--init-std", "0.02"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 64, 192)
+    assert config["initializer_range"] == 0.02
+    model = load_model(
+        ModelSpec(name_or_path=str(out)), None, device="cpu", tokenizer=load_tokenizer(ModelSpec(name_or_path=str(out)))
+    )
+    assert model.config.vocab_size == config["vocab_size"]
