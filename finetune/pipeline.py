@@ -32,9 +32,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     """
     from transformers import set_seed
 
-    from finetune.data.build import build_datasets
     from finetune.model.adapters import count_parameters, wrap_adapter
-    from finetune.model.load import load_model, load_tokenizer, pick_device, resolve_source
+    from finetune.model.load import load_model, pick_device, resolve_source
     from finetune.train.run_dir import RunDir, environment_info
     from finetune.train.trainer import build_trainer, mixed_precision
 
@@ -42,8 +41,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     run_dir = RunDir.claim(recipe.output.dir, overwrite=overwrite)
     device = pick_device(recipe.train.use_cpu)
     mixed_precision(recipe.train, device)  # raises now, not after loading, if the device cannot do it
-    tokenizer = load_tokenizer(recipe.model)
-    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    tokenizer, data = prepare_data(recipe)
     echo_data_report(data.report, echo)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the tokenizer: inference formats alike
@@ -68,7 +66,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
 
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
     trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
-    artifact = run_dir.model if recipe.adapter.kind == "none" else run_dir.adapter
+    artifact = run_dir.artifact(recipe.adapter.kind)
     save_artifact(model, tokenizer, artifact)
 
     summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)

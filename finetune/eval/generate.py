@@ -29,8 +29,9 @@ def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.model.load import ensure_pad_token, load_model
+    from finetune.train.run_dir import RunDir
 
-    artifact = run_dir / ("model" if recipe.adapter.kind == "none" else "adapter")
+    artifact = RunDir(run_dir).artifact(recipe.adapter.kind)
     if not artifact.is_dir():
         raise InputError(f"{run_dir}: has no {artifact.name}/; did the run finish?")
     tokenizer = AutoTokenizer.from_pretrained(artifact)

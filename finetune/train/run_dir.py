@@ -54,6 +54,10 @@ class RunDir:
     model = property(lambda self: self.path / "model")
     summary = property(lambda self: self.path / "summary.json")
 
+    def artifact(self, adapter_kind: str) -> Path:
+        """Where the trained result lives: model/ for full fine-tuning, adapter/ otherwise."""
+        return self.model if adapter_kind == "none" else self.adapter
+
     @classmethod
     def claim(cls, path: str | Path, *, overwrite: bool) -> RunDir:
         """Check, without writing anything, that a run may be written to `path`.
