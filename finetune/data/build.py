@@ -113,7 +113,9 @@ def tokenize_sources(spec, sources, rows: list[Rows], eval_rows: Rows | None, to
         conversations, bad = to_conversations(source_rows, adapter, spec.on_bad_row)
         skipped += bad
         held_out_fraction = 0.0 if eval_rows is not None else spec.eval_fraction
-        source_train, source_eval = split_holdout(conversations, held_out_fraction, seed + index)
+        source_train, source_eval = split_holdout(
+            conversations, held_out_fraction, seed + index, group_of=lambda c: c.group
+        )
         source_train, repeated = drop_duplicates(source_train, spec.dedup, seen)
         duplicates += repeated
         train_convs += weighted(source_train, source.weight, seed + index)
@@ -243,17 +245,28 @@ def drop_short(samples: list[Sample], min_tokens: int) -> tuple[list[Sample], li
     return [s for s in samples if len(s.input_ids) >= min_tokens], short
 
 
-def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random `fraction` of the items (at least one when fraction > 0) is held out."""
+def split_holdout(items: list, fraction: float, seed: int, group_of=None) -> tuple[list, list]:
+    """(train, eval): a seeded random `fraction` of the items (at least one when fraction > 0) is held out.
+
+    With `group_of`, the fraction is of groups and a group is held out whole (an item whose group is None is
+    its own group), so the same problem never lands on both sides.
+    """
     if fraction <= 0:
         return list(items), []
-    n_eval = min(len(items) - 1, max(1, math.ceil(len(items) * fraction)))
-    order = list(range(len(items)))
+    keys = [_group_key(group_of, item, i) for i, item in enumerate(items)]
+    groups = list(dict.fromkeys(keys))
+    n_eval = min(len(groups) - 1, max(1, math.ceil(len(groups) * fraction)))
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    held_out = set(order[:n_eval])
-    train = [item for i, item in enumerate(items) if i not in held_out]
-    eval_ = [item for i, item in enumerate(items) if i in held_out]
+    held_out = {groups[i] for i in order[:n_eval]}
+    train = [item for key, item in zip(keys, items, strict=True) if key not in held_out]
+    eval_ = [item for key, item in zip(keys, items, strict=True) if key in held_out]
     return train, eval_
+
+
+def _group_key(group_of, item, index: int):
+    group = group_of(item) if group_of is not None else None
+    return ("row", index) if group is None else ("group", group)
 
 
 def fingerprint(*splits: list[Sample]) -> str:

@@ -28,12 +28,15 @@ class Conversation:
             must begin with the previous prefix's ids, so every prompt gets exactly the ids that
             `apply_chat_template` gives it at inference. Otherwise each segment is tokenized on its own,
             after a BOS.
+        group: samples with the same group fall on the same side of the train/eval split (one Goat problem
+            in its several phrasings), so nothing held out was trained on in other words. None: its own group.
     """
 
     segments: tuple[Segment, ...]
     row: str
     add_eos: bool = True
     whole_text: bool = False
+    group: str | None = None
 
 
 class RowError(ValueError):

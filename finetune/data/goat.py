@@ -221,7 +221,15 @@ def to_conversation(row: dict, ref: str, *, train_on_prompt: bool = False) -> Co
     expect_object(row, "instruction", "output")
     prompt = format_prompt(text_field(row, "instruction", required=True))
     output = text_field(row, "output", required=True)
-    return Conversation((Segment(prompt, trained=train_on_prompt), Segment(output, trained=True)), row=ref)
+    return Conversation(
+        (Segment(prompt, trained=train_on_prompt), Segment(output, trained=True)), row=ref, group=problem_of(row)
+    )
+
+
+def problem_of(row: dict) -> str | None:
+    """The problem a row states (`48 + 55`), whatever its phrasing; None when the row does not say."""
+    problem = row.get("input")
+    return problem.strip() if isinstance(problem, str) and problem.strip() else None
 
 
 _FINAL = re.compile(r"(-?\d+(?: R \d+)?|undefined)\s*$")

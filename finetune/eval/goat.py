@@ -61,11 +61,13 @@ def held_out_rows(spec: DataSpec, seed: int, n: int) -> tuple[list[dict], str]:
     per_source = [(index, source, load_rows(source).rows) for index, source in sources]
     if spec.eval_fraction > 0:
         held_out = [
-            row for index, _, rows in per_source for row in split_holdout(rows, spec.eval_fraction, seed + index)[1]
+            row
+            for index, _, rows in per_source
+            for row in split_holdout(rows, spec.eval_fraction, seed + index, group_of=goat.problem_of)[1]
         ]
         return held_out[:n], f"the run's held-out {spec.eval_fraction:.0%}"
     rows = [row for _, _, source_rows in per_source for row in source_rows]
-    seen = {row.get("input") for row in rows}
+    seen = {goat.problem_of(row) for row in rows}
     generators = [source.goat for _, source, _ in per_source if source.goat is not None]
     generator = (
         generators[0] if generators else GoatSpec(n=n, ops=sorted({goat.operation_of(r["input"])[0] for r in rows}))
