@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--debug", action="store_true", help="show the traceback of errors")
     evaluate.set_defaults(handler=cmd_eval)
+    report = verb(
+        "report", cmd_report, "write RUN_DIR/report.html and RUN_DIR/plots/ from the run's files", recipe=False
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    runs = verb("runs", cmd_runs, "list run folders: method, base, steps, losses, exact match, status", recipe=False)
+    runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder holding run folders (default runs)")
+    compare = verb(
+        "compare", cmd_compare, "overlay runs' loss curves and list the recipe keys that differ", recipe=False
+    )
+    compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    compare.add_argument("--out", default="compare.png", help="PNG of the overlaid losses (default compare.png)")
     data = verbs.add_parser("data", help="data tools", description="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
     goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
@@ -146,6 +157,34 @@ def cmd_eval(args) -> int:
     result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
     print(format_table(result))
     print(f"written to {args.run_dir}/eval.json")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from finetune.report.html import build_report
+
+    print(f"report: {build_report(args.run_dir)}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from finetune.report.runs import find_runs, format_runs
+
+    runs = find_runs(args.dir)
+    print(format_runs(runs) if runs else f"no run folders in {args.dir}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from finetune.report import plots
+    from finetune.report.runs import format_differences, read_run
+
+    runs = [read_run(path) for path in args.run_dirs]
+    plots.save(plots.compare_figure([(run.name, run.metrics) for run in runs]), Path(args.out))
+    print(format_differences(runs))
+    print(f"loss curves: {args.out}")
     return 0
 
 

@@ -65,13 +65,52 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     run_dir.write_json(run_dir.data, asdict(data.report))
 
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
-    trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
+    try:
+        trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
+    except BaseException as error:
+        run_dir.write_json(run_dir.summary, stopped_summary(error, trainer.state, time.time() - started))
+        raise
     artifact = run_dir.artifact(recipe.adapter.kind)
     save_artifact(model, tokenizer, artifact)
 
     summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)
-    run_dir.write_json(run_dir.summary, summary)
+    run_dir.write_json(run_dir.summary, summary)  # the run is finished even if what follows fails
+    if recipe.eval.samples:
+        write_samples(model, tokenizer, data, run_dir, recipe.eval.samples)
+    if recipe.eval.exact_match:
+        from finetune.eval.goat import format_table
+
+        scored = score_exact_match(
+            model, tokenizer, recipe, run_dir, n=recipe.eval.exact_match, batch_size=recipe.eval.batch_size, echo=echo
+        )
+        echo(format_table(scored))
+        summary["exact_match"] = scored.accuracy
+        run_dir.write_json(run_dir.summary, summary)
+    if recipe.output.report:
+        from finetune.report.html import build_report
+
+        echo(f"report: {build_report(run_dir.path)}")
     return RunResult(run_dir.path, summary, model)
+
+
+def stopped_summary(error: BaseException, state, wall_time: float) -> dict:
+    """summary.json of a run that did not finish: how far it got and why it stopped."""
+    return {
+        "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "steps": state.global_step,
+        "wall_time_s": round(wall_time, 2),
+    }
+
+
+def write_samples(model, tokenizer, data, run_dir, n: int) -> None:
+    """A few greedy generations next to their references, for report.html."""
+    from finetune.eval.generate import sample_generations
+
+    source, samples = ("held-out rows", data.eval) if data.eval else ("training rows (no eval split)", data.train)
+    run_dir.write_json(
+        run_dir.samples, {"source": source, "samples": sample_generations(model, tokenizer, samples, n=n)}
+    )
 
 
 def save_artifact(model, tokenizer, target: Path) -> None:
@@ -86,9 +125,15 @@ def save_artifact(model, tokenizer, target: Path) -> None:
 
 
 def summarize(state, artifact: Path, trainable: int, total: int, wall_time: float) -> dict:
-    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
-    runtime = next((entry["train_runtime"] for entry in reversed(state.log_history) if "train_runtime" in entry), 0)
+    from finetune.train.metrics import peak_memory
+
+    history = state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), 0)
+    # the last step is always logged (MetricsFileCallback), so its record counts every token of the run
+    real_tokens = next((int(entry["num_tokens"]) for entry in reversed(history) if "num_tokens" in entry), 0)
+    processed = state.num_input_tokens_seen
     return {
         "status": "finished",
         "steps": state.global_step,
@@ -96,9 +141,12 @@ def summarize(state, artifact: Path, trainable: int, total: int, wall_time: floa
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
-        "tokens_seen": state.num_input_tokens_seen,  # non-padding tokens through the model
-        "tokens_per_s": round(state.num_input_tokens_seen / runtime, 1) if runtime else None,
+        "tokens_seen": real_tokens,  # non-padding tokens through the model
+        "tokens_processed": processed,  # padding included
+        "padding_share": round(1 - real_tokens / processed, 4) if processed else None,
+        "tokens_per_s": round(real_tokens / runtime, 1) if runtime else None,
         "train_runtime_s": round(runtime, 2),
+        "peak_rss_mib": peak_memory()["peak_rss_mib"],
         "trainable_params": trainable,
         "total_params": total,
         "wall_time_s": round(wall_time, 2),
@@ -142,26 +190,35 @@ def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: 
     Raises:
         InputError: not a run folder, or not a Goat run.
     """
-    from finetune.data.goat import format_prompt
     from finetune.errors import InputError
-    from finetune.eval.generate import generate_greedy, load_trained, read_run_recipe
-    from finetune.eval.goat import held_out_rows, score
+    from finetune.eval.generate import load_trained, read_run_recipe
     from finetune.model.load import pick_device
     from finetune.train.run_dir import RunDir
 
     run_dir = RunDir(Path(run_path))
     recipe = read_run_recipe(run_dir.path)
-    if recipe.data.format != "goat":
+    formats = recipe.data.formats
+    if "goat" not in formats:
         raise InputError(
             f"{run_dir.path}: finetune eval scores exact match for data.format: goat runs; this run's data.format "
-            f"is {recipe.data.format} (its eval loss is in metrics.jsonl)"
+            f"is {', '.join(formats)} (its eval loss is in metrics.jsonl)"
         )
     model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
+    return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
+
+
+def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batch_size: int, echo: Echo):
+    """Greedy answers of `model` to `n` held-out Goat problems, scored and written to the run's eval.json."""
+    from finetune.data.goat import format_prompt
+    from finetune.eval.generate import generate_greedy
+    from finetune.eval.goat import held_out_rows, score
+
     rows, source = held_out_rows(recipe.data, recipe.train.seed, n)
     echo(f"eval: {len(rows)} problems from {source}")
     longest = max(len(tokenizer(row["output"], add_special_tokens=False).input_ids) for row in rows)
     prompts = [format_prompt(row["instruction"]) for row in rows]
+    model.eval()
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=longest + 8, batch_size=batch_size)
     result = score(rows, completions, source)
-    run_dir.write_json(run_dir.path / "eval.json", result.to_json())
+    run_dir.write_json(run_dir.eval, result.to_json())
     return result

@@ -6,6 +6,7 @@ import json
 
 from finetune.cli import main
 from finetune.data import goat
+from finetune.data.build import build_datasets, split_holdout
 from finetune.eval.goat import format_table, held_out_rows, score
 from finetune.recipe.schema import DataSpec, GoatSpec
 
@@ -35,6 +36,21 @@ def test_eval_split_rows_are_the_runs_own_held_out_rows():
     assert len(rows) == 10 and source == "the run's held-out 10%"
 
 
+def test_a_held_out_problem_is_never_trained_on_in_another_phrasing(tokenizer):
+    # 100 one-digit additions in 2,000 rows: every problem comes in many phrasings
+    spec = DataSpec(format="goat", goat=GoatSpec(n=2000, seed=0, ops=["add"], add_sub_digits=1), eval_fraction=0.2)
+    rows = list(goat.generate_from_spec(spec.goat))
+    train, held = split_holdout(rows, spec.eval_fraction, seed=7, group_of=goat.problem_of)
+    held_problems = {goat.problem_of(row) for row in held}
+    assert len(held_problems) == 20 and len(held) > 3 * len(held_problems)
+    assert not held_problems & {goat.problem_of(row) for row in train}
+
+    built = build_datasets(spec, tokenizer, seed=7)
+    scored, _ = held_out_rows(spec, seed=7, n=10_000)
+    assert scored == held
+    assert (len(built.train), len(built.eval)) == (len(train), len(held))
+
+
 def test_finetune_eval_scores_a_goat_run_and_writes_eval_json(write_recipe, tmp_path, capsys):
     recipe = write_recipe(
         data={"format": "goat", "path": None, "goat": {"n": 64, "seed": 0, "ops": ["add", "sub"], "add_sub_digits": 3}}
@@ -48,6 +64,30 @@ def test_finetune_eval_scores_a_goat_run_and_writes_eval_json(write_recipe, tmp_
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["n"] == 24 and sum(cell["n"] for cell in result["cells"]) == 24
     assert 0 <= result["accuracy"] <= 1
+
+
+def test_a_recipe_can_score_exact_match_at_the_end_of_training(write_recipe, tmp_path, capsys):
+    recipe = write_recipe(
+        data={
+            "format": "goat",
+            "path": None,
+            "goat": {"n": 200, "ops": ["add"], "add_sub_digits": 2},
+            "eval_fraction": 0.1,
+        },
+        eval={"exact_match": 12, "batch_size": 5},
+    )
+    assert main(["run", str(recipe), "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "eval: 12 problems from the run's held-out 10%" in out and "add (+)" in out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert result["n"] == 12 and summary["exact_match"] == result["accuracy"]
+
+
+def test_exact_match_is_refused_for_data_that_is_not_goat(write_recipe, capsys):
+    assert main(["validate", str(write_recipe(eval={"exact_match": 10}))]) == 2
+    err = capsys.readouterr().err
+    assert "eval.exact_match: scores Goat arithmetic answers; this recipe's data is alpaca" in err
 
 
 def test_eval_of_an_alpaca_run_is_refused(write_recipe, tmp_path, capsys):

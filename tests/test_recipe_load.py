@@ -72,7 +72,7 @@ def test_unknown_section_and_unknown_override_are_errors(write_recipe):
     path = write_recipe(logging={"x": 1})
     line = path.read_text().splitlines().index("logging:") + 1
     assert problems_of(path, ["train.nope=1"]) == [
-        f"{path}:{line}:1: logging: unknown key; valid keys: model, quant, adapter, data, train, output",
+        f"{path}:{line}:1: logging: unknown key; valid keys: model, quant, adapter, data, train, eval, output",
         "command line: train.nope=1: unknown key; valid keys: " + ", ".join(TrainSpec.model_fields),
     ]
 

@@ -49,19 +49,25 @@ def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
 
 
 def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions of `prompts`, tokenized as in training (BOS, then the prompt without special tokens).
+    """Greedy completions of `prompts`, tokenized as in training (BOS, then the prompt without special tokens)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [bos + tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def generate_from_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: int, batch_size: int = 32):
+    """Greedy completions (decoded) of prompts given as token ids.
 
     Batches are left-padded; the KV cache is always on (prefix-tuning cannot generate without it).
     """
     import torch
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     completions = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [bos + tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded])
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         output = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
@@ -73,3 +79,34 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
         )
         completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return completions
+
+
+def sample_generations(model, tokenizer, samples, *, n: int = 4, max_new_tokens: int = 96) -> list[dict]:
+    """Greedy answers to the prompts of the first `n` samples, next to the responses they were trained on.
+
+    Works on token ids, so every data format (and chat template) is prompted exactly as in training: the
+    prompt is everything before the first trained token, the reference the trained span that follows.
+    """
+    picked = [s for s in samples if any(s.completion_mask)][:n]
+    prompts, references = [], []
+    for sample in picked:
+        start = sample.completion_mask.index(1)
+        end = start
+        while end < len(sample.completion_mask) and sample.completion_mask[end]:
+            end += 1
+        prompts.append(sample.input_ids[:start])
+        references.append(sample.input_ids[start:end])
+    if not picked:
+        return []
+    model.eval()
+    longest = min(max(len(ids) for ids in references) + 8, max_new_tokens)
+    generated = generate_from_ids(model, tokenizer, prompts, max_new_tokens=longest, batch_size=1)
+    return [
+        {
+            "row": sample.row,
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "generated": text,
+        }
+        for sample, prompt, reference, text in zip(picked, prompts, references, generated, strict=True)
+    ]

@@ -73,6 +73,14 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
         problems.append(
             KeyProblem(("data", "goat", "div_divisor_digits"), "must not exceed data.goat.div_dividend_digits")
         )
+    if recipe.eval.exact_match and "goat" not in data.formats:
+        problems.append(
+            KeyProblem(
+                ("eval", "exact_match"),
+                f"scores Goat arithmetic answers; this recipe's data is {', '.join(data.formats)}",
+                "remove it (eval loss is logged with data.eval_fraction or data.eval_path)",
+            )
+        )
     adapter, quant = recipe.adapter, recipe.quant
     if adapter.kind == "lora" and adapter.use_dora and quant is not None and quant.bits == 8:
         problems.append(

@@ -200,7 +200,11 @@ class DataSpec(Section):
     )
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of rows held out for eval loss, chosen with train.seed. 0 = no eval. Goat rows are held "
+        "out by problem: every phrasing of a held-out problem is held out.",
     )
     dedup: Literal["none", "exact", "normalized"] = Field(
         "none",
@@ -242,6 +246,11 @@ class DataSpec(Section):
         "whose prompt alone fills max_seq_len keeps no response token, so it is dropped and reported. drop: skip "
         "the row and report it. error: stop and name the row.",
     )
+
+    @property
+    def formats(self) -> list[str]:
+        """The dataset formats this data reads: data.format, or those of data.sources."""
+        return sorted({source.format for source in self.sources} if self.sources else {self.format})
 
 
 class TrainSpec(Section):
@@ -296,16 +305,38 @@ class OutputSpec(Section):
 
     dir: str = Field(description="Run folder: recipe, environment, data report, metrics, checkpoints, adapter.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files to DIR/tensorboard.")
+    report: bool = Field(
+        True, description="Write DIR/report.html and DIR/plots/*.png at the end (finetune report DIR rebuilds them)."
+    )
+
+
+class EvalSpec(Section):
+    """Task evaluation at the end of training (`finetune eval RUN_DIR` does the same on demand)."""
+
+    exact_match: int = Field(
+        0,
+        ge=0,
+        description="Goat data: answer this many held-out problems greedily after training and print exact match "
+        "per operation x operand digit lengths; written to DIR/eval.json. 0 = off.",
+    )
+    batch_size: int = Field(32, gt=0, description="Prompts answered at once.")
+    samples: int = Field(
+        4,
+        ge=0,
+        description="Held-out prompts (training prompts if there is no eval split) answered greedily after "
+        "training, shown next to their references in report.html; written to DIR/samples.json. 0 = off.",
+    )
 
 
 class Recipe(Section):
-    """A fine-tuning run: base model, optional quantization, adapter, data, training, output."""
+    """A fine-tuning run: base model, optional quantization, adapter, data, training, evaluation, output."""
 
     model: ModelSpec
     quant: QuantSpec | None = Field(None, description="Quantize the base model; omit for 16/32-bit weights.")
     adapter: AdapterSpec = Field(default_factory=LoraSpec, description="Adaptation method, chosen by adapter.kind.")
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec
 
     @property

@@ -8,7 +8,10 @@ tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
 adapter/           the final PEFT adapter and the tokenizer (LoRA, prefix, prompt)
 model/             the whole fine-tuned model and the tokenizer (adapter.kind: none)
-summary.json       status, wall time, first/last losses, parameter counts
+summary.json       status, wall time, first/last losses, parameter counts (and exact match, if scored)
+eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
+samples.json       a few greedy generations next to their references (eval.samples)
+report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class RunDir:
     adapter = property(lambda self: self.path / "adapter")
     model = property(lambda self: self.path / "model")
     summary = property(lambda self: self.path / "summary.json")
+    eval = property(lambda self: self.path / "eval.json")
+    samples = property(lambda self: self.path / "samples.json")
+    report = property(lambda self: self.path / "report.html")
 
     def artifact(self, adapter_kind: str) -> Path:
         """Where the trained result lives: model/ for full fine-tuning, adapter/ otherwise."""

@@ -81,7 +81,9 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and the report
+        # every token through the model, padding included; TRL's num_tokens counts the real ones, and the
+        # two together give the padding share
+        include_num_input_tokens_seen="all",
         report_to="none",  # metrics.jsonl and TensorBoard are attached as callbacks, into the run folder
         # Our samples are tokenized, masked and truncated already; TRL turns completion_mask into labels.
         # max_length is only the row length of bfd packing; otherwise TRL would re-truncate for nothing.
