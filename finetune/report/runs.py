@@ -103,10 +103,7 @@ def format_runs(runs: list[RunRecord]) -> str:
         )
         for run in runs
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return columns(rows)
 
 
 def recipe_differences(runs: list[RunRecord]) -> list[tuple[str, list[str]]]:
@@ -126,6 +123,11 @@ def format_differences(runs: list[RunRecord]) -> str:
     if not differences:
         return "the recipes are identical (output.dir aside)"
     rows = [("key", *[run.name for run in runs])] + [(key, *values) for key, values in differences]
+    return columns(rows)
+
+
+def columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows of text cells as left-aligned columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
