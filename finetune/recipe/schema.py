@@ -280,8 +280,10 @@ class TrainSpec(Section):
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"
     ] = Field(
-        "adamw_torch",
-        description="adamw_8bit keeps optimizer state in 8 bits (bitsandbytes, ~75% less state memory); paged_* "
+        "adamw_torch_fused",
+        description="adamw_torch_fused: one fused AdamW kernel over all parameters, on CPU and GPU (adamw_torch "
+        "loops over the parameters one by one on CPU). "
+        "adamw_8bit keeps optimizer state in 8 bits (bitsandbytes, ~75% less state memory); paged_* "
         "also pages that state to CPU memory under GPU memory pressure (QLoRA; plain on CPU).",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
