@@ -36,3 +36,17 @@ def test_methods_quick_reports_each_method(tmp_path):
         assert int(trainable.replace(",", "")) > 0 and float(rss) > 0 and float(tokens_per_s) > 0
         assert min(float(first), float(last), float(eval_loss)) > 0
     assert "## methods (3 steps" in results.read_text()
+
+
+def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("train_throughput.py", results)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"finetune", "trl defaults", "alpaca-lora"}
+    for name in ("finetune", "trl defaults", "alpaca-lora"):
+        real, padding, seconds, tokens_per_s, ratio, eval_loss = (cell.strip() for cell in rows[name])
+        assert int(real.replace(",", "")) > 0 and 0 <= float(padding.rstrip("%")) < 100
+        assert float(seconds) > 0 and float(tokens_per_s) > 0 and float(eval_loss) > 0
+    assert rows["finetune"][4].strip() == "1.00"
+    assert "x trl defaults" in out and "x alpaca-lora" in out
+    assert "## train_throughput (3 steps" in results.read_text()
