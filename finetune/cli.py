@@ -125,6 +125,8 @@ def cmd_run(args) -> int:
 
     if args.resume and args.overwrite:
         raise InputError("--resume continues a run folder and --overwrite empties it; give one of them")
+    if Path(args.recipe).is_dir() and not args.resume:
+        raise InputError(f"{args.recipe} is a folder: give a recipe file, or add --resume to continue a run folder")
     if args.resume and Path(args.recipe).is_dir():
         recipe = load_run_folder_recipe(args.recipe, args.overrides)
     else:

@@ -131,7 +131,7 @@ def _check_sources(data: dict) -> list[KeyProblem]:
     problems = [
         KeyProblem(("data", key), "data.sources replaces it; set it on each source")
         for key in ("path", "goat", "format")
-        if key in data
+        if data.get(key) is not None
     ]
     if data.get("eval_path") is not None:
         problems.append(KeyProblem(("data", "eval_path"), "with data.sources, hold rows out with data.eval_fraction"))

@@ -36,10 +36,12 @@ def resolve_paths(raw: dict, recipe_dir: Path, from_command_line: set[tuple[str,
     Args:
         raw: the recipe mapping, overrides applied.
         recipe_dir: the folder of the recipe file: the base of the paths written in it.
-        from_command_line: key paths set by overrides; their paths are relative to the current directory.
+        from_command_line: key paths set by overrides; paths in them (or under them) are relative to the
+            current directory.
     """
     for key_path, container, key in _path_values(raw):
-        base = Path.cwd() if key_path in from_command_line else recipe_dir
+        set_on_command_line = any(key_path[:n] in from_command_line for n in range(1, len(key_path) + 1))
+        base = Path.cwd() if set_on_command_line else recipe_dir
         value = container[key]
         if key_path == ("output", "dir") or looks_local(value, base):
             container[key] = absolute(value, base)
