@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; a run in another thread keeps the default ones
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
 
