@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 from finetune import __version__
 from finetune.errors import FinetuneError
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verb("run", cmd_run, "train a recipe and write its run folder")
     run.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output.dir")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue output.dir (or RECIPE given as a run folder) from its newest complete checkpoint",
+    )
     verb("validate", cmd_validate, "check a recipe without loading anything; exit 2 with every problem")
     preview = verb("preview", cmd_preview, "show the first training samples as the model sees them")
     preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
@@ -114,12 +120,20 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from finetune.recipe.load import load_recipe
+    from finetune.errors import InputError
+    from finetune.recipe.load import load_recipe, load_run_folder_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues a run folder and --overwrite empties it; give one of them")
+    if Path(args.recipe).is_dir() and not args.resume:
+        raise InputError(f"{args.recipe} is a folder: give a recipe file, or add --resume to continue a run folder")
+    if args.resume and Path(args.recipe).is_dir():
+        recipe = load_run_folder_recipe(args.recipe, args.overrides)
+    else:
+        recipe = load_recipe(args.recipe, args.overrides)
     from finetune.pipeline import run
 
-    result = run(recipe, overwrite=args.overwrite)
+    result = run(recipe, overwrite=args.overwrite, resume=args.resume)
     summary = result.summary
     print(
         f"done in {summary['wall_time_s']:.1f}s, {summary['steps']} steps: "

@@ -63,3 +63,9 @@ class DataError(InputError):
         if omitted:
             lines.append(f"... and {omitted} more problem(s) of the same kind")
         super().__init__("\n".join(lines))
+
+
+class Interrupted(FinetuneError):
+    """The run was stopped by a signal (Ctrl-C) after saving a checkpoint; the CLI exits 130."""
+
+    exit_code = 130

@@ -24,25 +24,35 @@ class RunResult:
     model: object  # the trained model, still in memory
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunResult:
-    """Train the recipe and write its run folder.
+def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: Echo = print) -> RunResult:
+    """Train the recipe and write its run folder, or continue it from its newest complete checkpoint.
 
     Raises:
-        InputError: bad output folder, tokenizer, data or model (nothing written yet).
+        InputError: bad output folder, tokenizer, data or model, or a run folder that this recipe cannot
+            resume (nothing written yet).
+        Interrupted: Ctrl-C; a checkpoint was saved first.
     """
     from transformers import set_seed
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
-    from finetune.train.run_dir import RunDir, environment_info
+    from finetune.train.checkpoints import StopOnSignalCallback, estimate_checkpoint_bytes
+    from finetune.train.resume import check_same_data, find_resume_point
+    from finetune.train.run_dir import RunDir
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
-    run_dir = RunDir.claim(recipe.output.dir, overwrite=overwrite)
+    if resume:
+        run_dir = RunDir(Path(recipe.output.dir))
+        checkpoints = find_resume_point(run_dir, recipe)
+    else:
+        run_dir, checkpoints = RunDir.claim(recipe.output.dir, overwrite=overwrite), None
     device = pick_device(recipe.train.use_cpu)
     mixed_precision(recipe.train, device)  # raises now, not after loading, if the device cannot do it
     tokenizer, data = prepare_data(recipe)
     echo_data_report(data.report, echo)
+    if resume:
+        check_same_data(run_dir, data.report.fingerprint)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the tokenizer: inference formats alike
 
@@ -56,7 +66,33 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     )
     trainable, total = count_parameters(model)
     echo(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) on {device}")
+    # a new checkpoint is written before the oldest is removed, and the final weights come on top
+    run_dir.check_free_space(3 * estimate_checkpoint_bytes(model))
 
+    open_run_folder(run_dir, recipe, data, device, checkpoints, echo)
+    stop = StopOnSignalCallback()
+    trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
+    train(trainer, run_dir, checkpoints, stop, started)
+    artifact = run_dir.artifact(recipe.adapter.kind)
+    guard_writes(lambda: save_artifact(model, tokenizer, artifact), run_dir, trainer.state, started, saving=artifact)
+
+    summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)
+    if checkpoints is not None:
+        summary["resumed_from"] = checkpoints.complete.name
+    run_dir.write_json(run_dir.summary, summary)  # the run is finished even if what follows fails
+    finish(model, tokenizer, recipe, data, run_dir, summary, echo)
+    return RunResult(run_dir.path, summary, model)
+
+
+def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
+    """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
+    from finetune.train.resume import prepare_for_resume
+    from finetune.train.run_dir import environment_info
+
+    if checkpoints is not None:
+        echo(f"resume: continuing {run_dir.path} from {checkpoints.complete.name}")
+        prepare_for_resume(run_dir, checkpoints, echo)
+        return
     removed = run_dir.create()
     if removed:
         echo(f"--overwrite: removed the previous contents of {run_dir.path}: {', '.join(removed)}")
@@ -64,17 +100,84 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
     run_dir.write_json(run_dir.environment, environment_info(device))
     run_dir.write_json(run_dir.data, asdict(data.report))
 
-    trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device)
+
+def train(trainer, run_dir, checkpoints, stop, started: float) -> None:
+    """trainer.train(), from the checkpoint when resuming; a stopped run leaves a summary saying why.
+
+    Raises:
+        Interrupted: a signal stopped training after a checkpoint was saved.
+        FinetuneError: writing into the run folder failed.
+    """
+    from finetune.errors import FinetuneError, Interrupted
+    from finetune.train.resume import resume_hint
+
+    resume_from = str(checkpoints.complete) if checkpoints is not None else None
+    stop.install()
     try:
-        trainer.train()  # with eval data, the Trainer also evaluates (and saves) after the last step
+        # with eval data, the Trainer also evaluates (and saves) after the last step
+        guard_writes(lambda: trainer.train(resume_from_checkpoint=resume_from), run_dir, trainer.state, started)
+    except FinetuneError:
+        raise  # guard_writes has written the summary
     except BaseException as error:
         run_dir.write_json(run_dir.summary, stopped_summary(error, trainer.state, time.time() - started))
         raise
-    artifact = run_dir.artifact(recipe.adapter.kind)
-    save_artifact(model, tokenizer, artifact)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        step = trainer.state.global_step
+        summary = stopped_summary(KeyboardInterrupt("stopped by a signal"), trainer.state, time.time() - started)
+        run_dir.write_json(run_dir.summary, summary)
+        raise Interrupted(
+            f"interrupted at step {step}: checkpoint saved to {run_dir.checkpoints / f'checkpoint-{step}'}\n"
+            f"resume with: {resume_hint(run_dir.path)}"
+        )
 
-    summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)
-    run_dir.write_json(run_dir.summary, summary)  # the run is finished even if what follows fails
+
+def guard_writes(write: Callable[[], object], run_dir, state, started: float, *, saving: Path | None = None):
+    """Run `write`; a failure to write the run folder becomes one message naming what failed and what is intact.
+
+    A failure counts as a write failure when it is an OSError, or any error while saving the folder `saving`
+    or while the current step's checkpoint is on disk but not complete: torch.save reports a full disk as a
+    RuntimeError, safetensors as a SafetensorError. `saving` names the folder `write` writes, if it is known.
+
+    Raises:
+        FinetuneError: the failure, explained; summary.json says the run failed.
+    """
+    import shutil
+
+    from finetune.errors import FinetuneError
+    from finetune.train.checkpoints import is_complete, scan_checkpoints
+    from finetune.train.resume import resume_hint
+
+    try:
+        return write()
+    except Exception as error:
+        checkpoint = run_dir.checkpoints / f"checkpoint-{state.global_step}"
+        if not isinstance(error, OSError) and not saving and not (checkpoint.is_dir() and not is_complete(checkpoint)):
+            raise
+        target = saving or (checkpoint if checkpoint.is_dir() else run_dir.path)
+        run_dir.write_json(run_dir.summary, stopped_summary(error, state, time.time() - started))
+        intact = scan_checkpoints(run_dir.checkpoints).complete
+        kept = (
+            f"the newest complete checkpoint, {intact.name}, is intact; once there is room, resume with: "
+            f"{resume_hint(run_dir.path)}"
+            if intact
+            else "no checkpoint had been completed"
+        )
+        free = shutil.disk_usage(run_dir.path).free / 2**20
+        raise FinetuneError(
+            f"writing {target} failed at step {state.global_step} ({type(error).__name__}: "
+            f"{_first_line(error)}); {free:.0f} MiB free there; {kept}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo: Echo) -> None:
+    """What follows training: sample generations, exact match, report.html."""
     if recipe.eval.samples:
         write_samples(model, tokenizer, data, run_dir, recipe.eval.samples)
     if recipe.eval.exact_match:
@@ -90,7 +193,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, echo: Echo = print) -> RunRe
         from finetune.report.html import build_report
 
         echo(f"report: {build_report(run_dir.path)}")
-    return RunResult(run_dir.path, summary, model)
 
 
 def stopped_summary(error: BaseException, state, wall_time: float) -> dict:

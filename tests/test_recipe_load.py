@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,10 +26,12 @@ def problems_of(path, overrides=()) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(recipe, monkeypatch):
-    monkeypatch.chdir(REPO)  # recipes name repository files relative to its root
+def test_every_shipped_recipe_validates(recipe, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # recipe paths are relative to the recipe file, wherever the command runs
     loaded = load_recipe(recipe)
-    assert loaded.output.dir.startswith("runs/")
+    assert loaded.output.dir == str(REPO / "runs" / recipe.stem)
+    for name in (loaded.model.name_or_path, loaded.data.path):
+        assert name is None or not name.startswith("/") or Path(name).exists()  # local ones resolved, hub ids kept
 
 
 def test_bad_recipe_reports_every_problem_with_file_line_and_column(tmp_path):
@@ -47,7 +50,7 @@ def test_bad_recipe_reports_every_problem_with_file_line_and_column(tmp_path):
         "  dir: runs/x\n"
     )
     assert problems_of(path, ["train.epochs=three"]) == [
-        f"{path}:2:17: model.name_or_path: no such folder: ./no/such/model; "
+        f"{path}:2:17: model.name_or_path: no such folder: {tmp_path}/no/such/model; "
         "give a local model folder or a hub id such as huggyllama/llama-7b",
         f"{path}:4:6: adapter.r: must be greater than 0 (got 0)",
         f"{path}:6:11: data.format: must be one of 'alpaca', 'goat' or 'lima' (got 'alpacca'); did you mean 'alpaca'?",
@@ -216,3 +219,37 @@ def test_unknown_adapter_kind_suggests_the_closest(write_recipe):
         "command line: adapter.kind=prefx: must be one of 'lora', 'prefix', 'prompt', 'none' (got 'prefx'); "
         "did you mean 'prefix'?"
     )
+
+
+def test_paths_are_relative_to_the_recipe_file_and_overrides_to_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.json").write_text("[]")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "other.jsonl").write_text("")
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(
+        "model: {name_or_path: huggyllama/llama-7b}\ndata: {path: ../data/rows.json}\noutput: {dir: ../runs/r}\n"
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_recipe(recipe)
+    assert loaded.data.path == str(tmp_path / "data" / "rows.json")
+    assert loaded.output.dir == str(tmp_path / "runs" / "r")
+    assert loaded.model.name_or_path == "huggyllama/llama-7b"  # a hub id stays one
+    overridden = load_recipe(recipe, ["data.path=other.jsonl", "output.dir=out"])
+    assert overridden.data.path == str(tmp_path / "elsewhere" / "other.jsonl")
+    assert overridden.output.dir == str(tmp_path / "elsewhere" / "out")
+    assert "../" not in recipe_to_yaml(loaded)  # a run folder's recipe.yaml reads the same from anywhere
+
+
+@pytest.mark.parametrize("folder", ["/", "~", "~/"])
+def test_output_dir_may_not_be_the_root_or_home(folder, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{name_or_path: huggyllama/llama-7b}}\ndata: {{path: x/y}}\noutput: {{dir: '{folder}'}}\n"
+    )
+    target = Path(folder).expanduser().resolve()
+    assert problems_of(recipe) == [
+        f"{recipe}:3:15: output.dir: must not be {target}: a run folder is emptied by --overwrite; choose a folder "
+        "of its own, e.g. runs/NAME"
+    ]

@@ -13,10 +13,13 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run folder was trained with.
 
     Raises:
-        InputError: the folder is not a run folder.
+        InputError: the folder is not a run folder, or one written by an incompatible version.
     """
+    from finetune.train.run_dir import RunDir, check_run_format
+
     if not (run_dir / "recipe.yaml").is_file():
         raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    check_run_format(RunDir(run_dir))
     return load_recipe(run_dir / "recipe.yaml")
 
 
@@ -41,9 +44,15 @@ def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(
-            load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer), artifact
-        )
+        base = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)
+        try:
+            model = PeftModel.from_pretrained(base, artifact)
+        except RuntimeError as e:  # tensors of another shape: the recipe's base is not the one trained on
+            first = str(e).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+            raise InputError(
+                f"{artifact}: the adapter does not fit the base model {recipe.model.name_or_path}: {detail}"
+            ) from None
     model.eval()
     return model, tokenizer
 

@@ -84,9 +84,9 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
 
     from finetune.model.quantize import build_bnb_config
 
-    _check_local_weights(spec)
     if quant is not None and quant.bits == 4 and device == "cpu":
         _check_4bit_cpu_shapes(spec)
+    _check_local_weights(spec)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs = dict(
         revision=spec.revision,
@@ -103,6 +103,10 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
         model = AutoModelForCausalLM.from_pretrained(resolve_source(spec.name_or_path), **kwargs)
     except OSError as e:
         raise InputError(f"model.name_or_path: cannot load {spec.name_or_path!r}: {_first_line(e)}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(remote_code_message(spec.name_or_path)) from None
+        raise InputError(f"model.name_or_path: cannot load {spec.name_or_path!r}: {_first_line(e)}") from None
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -110,6 +114,13 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def remote_code_message(name: str) -> str:
+    return (
+        f"model.name_or_path: {name} ships its own Python code (auto_map in config.json), which runs when the "
+        "model loads; set model.trust_remote_code: true only if you trust it"
+    )
 
 
 def resolve_source(name: str) -> str:
@@ -144,6 +155,8 @@ def _check_4bit_cpu_shapes(spec: ModelSpec) -> None:
             resolve_source(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(remote_code_message(spec.name_or_path)) from None
         raise InputError(
             f"model.name_or_path: cannot read the config of {spec.name_or_path!r}: {_first_line(e)}"
         ) from None

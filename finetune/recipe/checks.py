@@ -1,7 +1,7 @@
 """Checks that involve more than one key, or the files a recipe names.
 
 They run before any weight is loaded. Each names the key the user should change; `recipe/load.py`
-turns the key into a file position. Relative paths are relative to the current directory.
+turns the key into a file position. Paths are absolute by then (`recipe/paths.py`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.recipe.paths import LOCAL_DATA_SUFFIXES, looks_local
 from finetune.recipe.schema import Recipe
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl")
+__all__ = ["KeyProblem", "check_paths", "cross_check", "looks_local"]
 
 
 @dataclass(frozen=True)
@@ -19,16 +20,6 @@ class KeyProblem:
     path: tuple[str, ...]
     message: str
     hint: str = ""
-
-
-def looks_local(name: str) -> bool:
-    """True when `name` is meant as a file or folder on this machine rather than a hub id."""
-    return (
-        name.startswith((".", "/", "~"))
-        or name.endswith(LOCAL_DATA_SUFFIXES)
-        or Path(name).expanduser().exists()
-        or name.count("/") > 1
-    )
 
 
 def check_paths(raw: dict) -> list[KeyProblem]:
@@ -67,6 +58,15 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
         )
     if train.min_lr is not None and train.min_lr >= train.lr:
         problems.append(KeyProblem(("train", "min_lr"), f"must be below train.lr ({train.lr:g})"))
+    output = Path(recipe.output.dir).expanduser().resolve()
+    if output in (Path("/"), Path.home().resolve()):
+        problems.append(
+            KeyProblem(
+                ("output", "dir"),
+                f"must not be {output}: a run folder is emptied by --overwrite",
+                "choose a folder of its own, e.g. runs/NAME",
+            )
+        )
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:
@@ -131,7 +131,7 @@ def _check_sources(data: dict) -> list[KeyProblem]:
     problems = [
         KeyProblem(("data", key), "data.sources replaces it; set it on each source")
         for key in ("path", "goat", "format")
-        if key in data
+        if data.get(key) is not None
     ]
     if data.get("eval_path") is not None:
         problems.append(KeyProblem(("data", "eval_path"), "with data.sources, hold rows out with data.eval_fraction"))

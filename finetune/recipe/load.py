@@ -7,6 +7,7 @@ every node), `command line` for overrides.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.errors import Problem, RecipeError
 from finetune.recipe.checks import check_paths, cross_check
+from finetune.recipe.paths import resolve_paths
 from finetune.recipe.schema import ADAPTER_SPECS, Recipe
 
 KeyPath = tuple[str, ...]
@@ -38,10 +40,12 @@ class Origins:
             for item_path, item in self.overrides.items():
                 if item_path[: len(path)] == path:  # only the command line has keys under this one
                     return "command line", item
+        for n in range(len(path), -1, -1):  # an override replaces what the file had under its key
+            if path[:n] in self.overrides:
+                item = self.overrides[path[:n]]
+                return "command line", item if n == len(path) else f"{item}: {'.'.join(path)}"
         for n in range(len(path), -1, -1):
             prefix = path[:n]
-            if prefix in self.overrides:
-                return "command line", self.overrides[prefix]
             mark = marks.get(prefix) or self.key_marks.get(prefix)
             if mark is not None:
                 line, col = mark
@@ -69,6 +73,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if raw is None:
         raise RecipeError(problems)
     problems += apply_overrides(raw, overrides, origins)
+    resolve_paths(raw, Path(path).absolute().parent, set(origins.overrides))
     recipe, schema_problems = validate(raw, origins)
     problems += schema_problems
     key_problems = check_paths(raw) + (cross_check(recipe) if recipe is not None else [])
@@ -97,7 +102,7 @@ def parse_yaml(text: str, origins: Origins) -> tuple[dict | None, list[Problem]]
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{origins.file}:{mark.line + 1}:{mark.column + 1}" if mark else origins.file
-        return None, [Problem(where, "", f"YAML syntax error: {e.problem or e.context}")]
+        return None, [Problem(where, "", _plain_yaml_problem(e.problem or e.context))]
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -105,6 +110,18 @@ def parse_yaml(text: str, origins: Origins) -> tuple[dict | None, list[Problem]]
             Problem(f"{origins.file}:1:1", "", "the recipe must be a mapping of sections (model:, data:, ...)")
         ]
     return data, problems
+
+
+def _plain_yaml_problem(problem: str) -> str:
+    """PyYAML's parser words, where they say little to a reader, in plain ones."""
+    if "could not determine a constructor for the tag" in problem:  # safe loading: no Python objects
+        tag = problem.rsplit(" ", 1)[-1]
+        return f"YAML tag {tag} is not allowed: a recipe holds plain values (strings, numbers, lists, mappings)"
+    if "expected <block end>" in problem:
+        problem = "this line is indented differently from the keys above it"
+    elif "'\\t'" in problem:
+        problem = "a tab character; indent with spaces"
+    return f"YAML syntax error: {problem}"
 
 
 def _record_marks(node: yaml.Node, path: KeyPath, origins: Origins) -> list[Problem]:
@@ -169,7 +186,28 @@ def validate(raw: dict, origins: Origins) -> tuple[Recipe | None, list[Problem]]
     try:
         return Recipe.model_validate(raw), []
     except ValidationError as e:
-        return None, [_problem_from_pydantic(err, origins) for err in e.errors()]
+        by_key: dict[tuple, list[Problem]] = {}
+        for err in e.errors():
+            if _is_union_member(err):
+                err = {**err, "loc": err["loc"][:-1]}
+            by_key.setdefault(tuple(err["loc"]), []).append(_problem_from_pydantic(err, origins))
+        return None, [_merge_alternatives(problems) for problems in by_key.values()]
+
+
+def _is_union_member(err: dict) -> bool:
+    """A value that fits none of a union's types gets one error per type, located under the type's name."""
+    return len(err["loc"]) > 1 and isinstance(err["loc"][-1], str) and err["loc"][-1].startswith(("list[", "literal["))
+
+
+def _merge_alternatives(problems: list[Problem]) -> Problem:
+    """One problem for a value that fits none of a key's alternatives: `expected a list, or one of ... (got 5)`."""
+    if len(problems) == 1:
+        return problems[0]
+    got = re.search(r" \(got .*\)$", problems[0].message)
+    words = [
+        re.sub(r" \(got .*\)$", "", p.message).removeprefix("expected ").removeprefix("must be ") for p in problems
+    ]
+    return Problem(problems[0].where, problems[0].subject, "expected " + ", or ".join(words) + (got[0] if got else ""))
 
 
 def _problem_from_pydantic(err: dict, origins: Origins) -> Problem:
@@ -212,6 +250,8 @@ def _key_and_section(loc: KeyPath) -> tuple[KeyPath, type[BaseModel] | None]:
         path.append(part)
         if not parts:
             break
+        if part.isdigit():  # a list item has the keys of the list's element type
+            continue
         if model is Recipe and part == "adapter" and parts[0] in ADAPTER_SPECS:
             model = ADAPTER_SPECS[parts.pop(0)]
             if not parts:
@@ -273,9 +313,9 @@ def _suggest_key(section: type[BaseModel] | None, key: str) -> str:
     if section is None:
         return ""
     valid = list(section.model_fields)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close and len(key) >= 4:
-        close = [name for name in valid if key in name or name in key][:1]
+    # a key that holds a valid one, or is held by one (directory, dir), before a merely similar spelling
+    close = [name for name in valid if len(name) >= 3 and len(key) >= 3 and (key in name or name in key)][:1]
+    close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
         return f"did you mean '{close[0]}'?"
     owners = [kind for kind, spec in ADAPTER_SPECS.items() if key in spec.model_fields and spec is not section]
@@ -287,3 +327,15 @@ def _suggest_key(section: type[BaseModel] | None, key: str) -> str:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe (every default filled in) as YAML, in schema order."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def load_run_folder_recipe(run_dir: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The resolved recipe stored in a run folder, with `output.dir` set to where the folder is now.
+
+    Raises:
+        RecipeError: the folder has no recipe.yaml, or the recipe (with the overrides) is not valid.
+    """
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError([Problem(str(run_dir), "", "not a run folder (no recipe.yaml)")])
+    return load_recipe(path, [*overrides, f"output.dir={json.dumps(str(run_dir))}"])

@@ -187,7 +187,8 @@ class DataSpec(Section):
     path: str | None = Field(
         None,
         description="Local .json (a list of rows, or JSON lines) or .jsonl file, a local dataset folder, or a "
-        "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the current directory. "
+        "datasets hub id (e.g. tatsu-lab/alpaca). Relative paths are relative to the recipe file "
+        "(to the current directory when set on the command line). "
         "Required unless data.goat generates the rows.",
     )
     goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of data.path (format: goat).")

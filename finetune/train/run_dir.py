@@ -28,6 +28,11 @@ from pathlib import Path
 
 from finetune.errors import InputError
 
+# The layout of a run folder, recorded in environment.json. A folder written in another layout is refused
+# by the commands that read one (eval, resume), rather than misread. Folders without it predate it and
+# are read as layout 1.
+RUN_FORMAT = 1
+
 TRACKED_PACKAGES = (
     "finetune",
     "torch",
@@ -93,6 +98,16 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return removed
 
+    def check_free_space(self, needed: int) -> None:
+        """Raises InputError when the file system of the run folder has less than `needed` bytes free."""
+        nearest = next(p for p in [self.path, *self.path.absolute().parents] if p.exists())
+        free = shutil.disk_usage(nearest).free
+        if free < needed:
+            raise InputError(
+                f"output.dir: {self.path} has {_size(free)} free; the run needs about {_size(needed)} for its "
+                "checkpoints and final weights. Free some space or choose another output.dir"
+            )
+
     def write_json(self, target: Path, payload: dict) -> None:
         """Write JSON atomically: a reader never sees a half-written file."""
         partial = target.with_name(target.name + ".partial")
@@ -114,6 +129,7 @@ def environment_info(device: str) -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     info = {
+        "run_format": RUN_FORMAT,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
@@ -127,6 +143,23 @@ def environment_info(device: str) -> dict:
 
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def check_run_format(run: RunDir) -> None:
+    """Raises InputError when the run folder was written in another layout than this version reads."""
+    try:
+        found = json.loads(run.environment.read_text(encoding="utf-8")).get("run_format", 1)
+    except (OSError, ValueError, AttributeError):
+        return  # no environment.json (the run stopped before writing it): nothing says otherwise
+    if found != RUN_FORMAT:
+        raise InputError(
+            f"{run.environment}: run_format {found!r}: the folder was written by an incompatible version of "
+            f"finetune (this version reads run_format {RUN_FORMAT})"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _git_commit(folder: Path) -> str | None:

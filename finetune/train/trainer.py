@@ -107,13 +107,17 @@ def to_hf_dataset(samples):
     )
 
 
-def build_trainer(model, tokenizer, train_samples, eval_samples, recipe: Recipe, run: RunDir, *, device: str):
-    """The run's `SFTTrainer`, with metrics.jsonl and (optionally) TensorBoard callbacks."""
+def build_trainer(
+    model, tokenizer, train_samples, eval_samples, recipe: Recipe, run: RunDir, *, device: str, callbacks=()
+):
+    """The run's `SFTTrainer`, with metrics.jsonl, complete-checkpoint markers, (optionally) TensorBoard,
+    and `callbacks`."""
     from trl import SFTTrainer
 
+    from finetune.train.checkpoints import CompleteCheckpointCallback
     from finetune.train.metrics import MetricsFileCallback
 
-    callbacks = [MetricsFileCallback(run.metrics)]
+    callbacks = [MetricsFileCallback(run.metrics), CompleteCheckpointCallback(run.checkpoints), *callbacks]
     if recipe.output.tensorboard:
         from transformers.integrations import TensorBoardCallback
 
