@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64 (default 128)")
     tiny.add_argument("--intermediate-size", type=int, default=256, help="a multiple of 64 (default 256)")
     tiny.add_argument("--init-std", type=float, default=0.1, help="std of the random weights (default 0.1)")
+    plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
+    plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    plan.add_argument(
+        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+    )
     return parser
 
 
@@ -103,6 +109,20 @@ def cmd_validate(args) -> int:
 
     load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.train.plan import plan_report
+
+    print(
+        plan_report(
+            recipe, args.recipe, gpu_memory=args.gpu_memory, world_size=args.world_size, model_params=args.model_params
+        )
+    )
     return 0
 
 

@@ -36,3 +36,12 @@ def test_methods_quick_reports_each_method(tmp_path):
         assert int(trainable.replace(",", "")) > 0 and float(rss) > 0 and float(tokens_per_s) > 0
         assert min(float(first), float(last), float(eval_loss)) > 0
     assert "## methods (3 steps" in results.read_text()
+
+
+def test_plan_accuracy_quick_compares_prediction_with_tensors(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("plan_accuracy.py", results)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| data/tiny-llama")]
+    assert {row[1].strip() for row in rows} == {"lora", "full", "qlora nf4"}
+    assert all(abs(float(row[4]) - 1) < 0.02 for row in rows)
+    assert "## plan_accuracy" in results.read_text()
