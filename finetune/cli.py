@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verb("run", cmd_run, "train a recipe and write its run folder")
     run.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output.dir")
+    run.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="launch the run with `accelerate launch --config_file FILE` (e.g. accelerate_configs/fsdp.yaml)",
+    )
     verb("validate", cmd_validate, "check a recipe without loading anything; exit 2 with every problem")
     preview = verb("preview", cmd_preview, "show the first training samples as the model sees them")
     preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
@@ -137,9 +142,19 @@ def cmd_run(args) -> int:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.accelerate_config:
+        from finetune.train.launch import check_launch, launch, read_accelerate_config
+
+        check_launch(recipe, read_accelerate_config(args.accelerate_config), args.accelerate_config)
+        flags = ["--overwrite"] * args.overwrite + ["--debug"] * args.debug
+        return launch(args.accelerate_config, args.recipe, [*args.overrides, *flags])
     from finetune.pipeline import run
 
     result = run(recipe, overwrite=args.overwrite)
+    from finetune.train.run_dir import is_main_process
+
+    if not is_main_process():
+        return 0
     summary = result.summary
     print(
         f"done in {summary['wall_time_s']:.1f}s, {summary['steps']} steps: "

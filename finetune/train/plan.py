@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from finetune.model.shape import ModelShape
+from finetune.recipe.checks import parse_memory_size as parse_size
 from finetune.recipe.schema import FullSpec, LoraSpec, PrefixSpec, PromptSpec, Recipe
 
 GiB = 1024**3
@@ -312,30 +313,6 @@ def suggest_changes(recipe: Recipe, plan: MemoryPlan) -> list[str]:
     return hints
 
 
-def parse_size(text: str) -> int:
-    """'24GiB', '48GB', '80G', '1.5TiB' -> bytes (GB means 10^9, GiB and a bare G mean 2^30).
-
-    Raises:
-        ValueError: not a size.
-    """
-    units = {
-        "TIB": 1024**4,
-        "GIB": GiB,
-        "MIB": 1024**2,
-        "TB": 10**12,
-        "GB": 10**9,
-        "MB": 10**6,
-        "T": 1024**4,
-        "G": GiB,
-        "M": 1024**2,
-    }
-    cleaned = text.strip().upper().replace(" ", "")
-    for unit, factor in units.items():
-        if cleaned.endswith(unit):
-            return int(float(cleaned[: -len(unit)]) * factor)
-    raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB)")
-
-
 def format_size(n: int) -> str:
     """Bytes in GiB, or MiB below a tenth of a GiB."""
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
@@ -364,7 +341,7 @@ def plan_report(
     Args:
         recipe: the validated recipe.
         recipe_path: shown in the title.
-        gpu_memory: the --gpu-memory text (e.g. 24GiB), or None (then train.gpu_memory, if set).
+        gpu_memory: the --gpu-memory text (e.g. 24GiB); None: train.gpu_memory, if set.
         world_size: GPUs the model is sharded over.
         model_params: a LLaMA-1 size (7B, 13B, 33B, 65B) in place of the recipe's model.
 
@@ -376,6 +353,7 @@ def plan_report(
 
     if world_size < 1:
         raise InputError(f"--world-size: must be at least 1 (got {world_size})")
+    gpu_memory = gpu_memory or recipe.train.gpu_memory
     try:
         memory = parse_size(gpu_memory) if gpu_memory else None
     except ValueError as e:
@@ -384,11 +362,58 @@ def plan_report(
         shape, model = LLAMA1_SHAPES[model_params], f"LLaMA-{model_params} shape"
     else:
         shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
-    plan = plan_memory(recipe, shape, world_size=world_size, gpu_memory=memory)
+    largest = largest_micro_batch(recipe, shape, world_size=world_size, gpu_memory=memory) if memory else None
+    auto = recipe.train.micro_batch_size == "auto"
+    micro = (largest or 1) if auto else None  # auto: the plan of what `finetune run` would choose
+    plan = plan_memory(recipe, shape, world_size=world_size, gpu_memory=memory, micro_batch_size=micro)
     gpus = f", {world_size} GPUs (FSDP)" if world_size > 1 else ""
-    title = f"{recipe_path}: {model}, micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens{gpus}"
+    chosen = " (auto)" if auto else ""
+    title = f"{recipe_path}: {model}, micro-batch {plan.micro_batch_size}{chosen} x {plan.seq_len} tokens{gpus}"
     text = format_plan(plan, title)
-    if memory is not None:
-        largest = largest_micro_batch(recipe, shape, world_size=world_size, gpu_memory=memory)
+    if largest is not None:
         text += f"\nlargest micro-batch that fits: {largest or 'none'}"
     return text
+
+
+def resolve_batch(recipe: Recipe, *, device_memory: int | None, world_size: int = 1, sharded: bool = False) -> Recipe:
+    """The recipe with micro_batch_size: auto and tokens_per_update turned into numbers.
+
+    auto takes the largest micro-batch the plan fits in train.gpu_memory, else in `device_memory`;
+    tokens_per_update then sets grad_accum = ceil(tokens / (micro-batch x max_seq_len x world size)).
+    The returned recipe holds the chosen numbers only, so its recipe.yaml reruns the same batches.
+
+    Args:
+        recipe: the validated recipe.
+        device_memory: total memory of this run's GPU in bytes; None on CPU.
+        world_size: processes training together (each takes a micro-batch).
+        sharded: the processes shard the model with FSDP (the plan divides states by world_size).
+
+    Raises:
+        InputError: auto with no memory figure, or not even one sample fits.
+    """
+    from finetune.errors import InputError
+    from finetune.model.shape import read_shape
+
+    train, seq = recipe.train, recipe.data.max_seq_len
+    if train.micro_batch_size != "auto" and train.tokens_per_update is None:
+        return recipe
+    micro = train.micro_batch_size
+    if micro == "auto":
+        memory = parse_size(train.gpu_memory) if train.gpu_memory else device_memory
+        if memory is None:
+            raise InputError(
+                "train.micro_batch_size: auto sizes the micro-batch for a GPU's memory and this run has no GPU; "
+                "set train.gpu_memory (e.g. 24GiB) to size it for that, or give a number"
+            )
+        shape = read_shape(recipe.model.name_or_path, recipe.model.revision)
+        micro = largest_micro_batch(recipe, shape, world_size=world_size if sharded else 1, gpu_memory=memory)
+        if micro == 0:
+            raise InputError(
+                f"train.micro_batch_size: auto: not even one sample of {seq} tokens fits in {format_size(memory)}; "
+                "`finetune plan RECIPE` shows where the memory goes and what to change"
+            )
+    grad_accum = train.grad_accum
+    if train.tokens_per_update is not None:
+        grad_accum = math.ceil(train.tokens_per_update / (micro * seq * world_size))
+    chosen = {"micro_batch_size": micro, "grad_accum": grad_accum, "tokens_per_update": None, "gpu_memory": None}
+    return recipe.model_copy(update={"train": train.model_copy(update=chosen)})
