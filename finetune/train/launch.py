@@ -56,8 +56,8 @@ def check_launch(recipe: Recipe, config: dict, config_path: str) -> None:
     """Refuse, before any process starts, what accelerate would silently run otherwise.
 
     Raises:
-        InputError: FSDP without CUDA GPUs, a CPU config that would run one process, or recipe keys FSDP
-            cannot shard.
+        InputError: FSDP without CUDA GPUs, a multi-process config that would run one process, or recipe
+            keys FSDP cannot shard.
     """
     import torch
 
@@ -72,7 +72,14 @@ def check_launch(recipe: Recipe, config: dict, config_path: str) -> None:
         problems = fsdp_problems(recipe, precision)
         if problems:
             raise InputError("\n".join(f"{config_path} (FSDP): {line}" for line in problems))
-    if config.get("use_cpu") and int(config.get("num_processes", 1)) > 1:
+    processes = int(config.get("num_processes", 1))
+    if kind == "MULTI_CPU" and processes > 1 and not config.get("mpirun_hostfile"):
+        raise InputError(
+            f"--accelerate-config: {config_path} has distributed_type: MULTI_CPU without mpirun_hostfile, with "
+            f"which accelerate starts one process, not {processes}; for processes on one CPU machine use "
+            "accelerate_configs/cpu_ddp.yaml (MULTI_GPU launcher, train.use_cpu: true)"
+        )
+    if config.get("use_cpu") and processes > 1:
         raise InputError(
             f"--accelerate-config: {config_path} has use_cpu: true, with which accelerate starts one process, "
             f"not {config['num_processes']}; set use_cpu: false there and train.use_cpu: true in the recipe"
