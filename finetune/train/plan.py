@@ -305,7 +305,10 @@ def suggest_changes(recipe: Recipe, plan: MemoryPlan) -> list[str]:
         hints.append(f"a smaller train.micro_batch_size (now {plan.micro_batch_size}) with a larger train.grad_accum")
     if recipe.quant is None and not isinstance(recipe.adapter, FullSpec):
         hints.append("quant.bits=4 (QLoRA: base weights at ~0.5 byte/param)")
-    if recipe.train.optimizer in ("adamw_torch", "adamw_torch_fused"):
+    if (
+        recipe.train.optimizer in ("adamw_torch", "adamw_torch_fused")
+        and plan.part("optimizer state") > plan.total / 10
+    ):
         hints.append("train.optimizer=paged_adamw_8bit (2 bytes/param of state, pageable to CPU)")
     if plan.pageable and plan.gpu_memory is not None and plan.total - plan.pageable <= plan.gpu_memory:
         hints.insert(0, "it fits if the paged optimizer state spills to CPU memory (slower steps under pressure)")
@@ -371,7 +374,7 @@ def plan_report(
     title = f"{recipe_path}: {model}, micro-batch {plan.micro_batch_size}{chosen} x {plan.seq_len} tokens{gpus}"
     text = format_plan(plan, title)
     if largest is not None:
-        text += f"\nlargest micro-batch that fits: {largest or 'none'}"
+        text += f"\nlargest micro-batch that fits: {largest or 'none (not even 1)'}"
     return text
 
 
