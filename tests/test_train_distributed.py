@@ -117,3 +117,12 @@ def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(write_
     assert steps == sorted(set(steps))  # one process logged: no step twice
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] == 3
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "single"]  # one run folder each
+
+
+def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    assert main(["run", str(write_recipe(train={"use_cpu": True}))]) == 2
+    assert "accelerate was asked for FSDP, which needs CUDA GPUs, and this process trains on CPU" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
