@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue output.dir (or RECIPE given as a run folder) from its newest complete checkpoint",
     )
+    run.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="launch the run with `accelerate launch --config_file FILE` (e.g. accelerate_configs/fsdp.yaml)",
+    )
     verb("validate", cmd_validate, "check a recipe without loading anything; exit 2 with every problem")
     preview = verb("preview", cmd_preview, "show the first training samples as the model sees them")
     preview.add_argument("-n", type=int, default=3, metavar="N", help="number of samples (default 3)")
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64 (default 128)")
     tiny.add_argument("--intermediate-size", type=int, default=256, help="a multiple of 64 (default 256)")
     tiny.add_argument("--init-std", type=float, default=0.1, help="std of the random weights (default 0.1)")
+    plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
+    plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    plan.add_argument(
+        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+    )
     return parser
 
 
@@ -109,6 +120,20 @@ def cmd_validate(args) -> int:
 
     load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.train.plan import plan_report
+
+    print(
+        plan_report(
+            recipe, args.recipe, gpu_memory=args.gpu_memory, world_size=args.world_size, model_params=args.model_params
+        )
+    )
     return 0
 
 
@@ -131,9 +156,19 @@ def cmd_run(args) -> int:
         recipe = load_run_folder_recipe(args.recipe, args.overrides)
     else:
         recipe = load_recipe(args.recipe, args.overrides)
+    if args.accelerate_config:
+        from finetune.train.launch import check_launch, launch, read_accelerate_config
+
+        check_launch(recipe, read_accelerate_config(args.accelerate_config), args.accelerate_config)
+        flags = ["--overwrite"] * args.overwrite + ["--resume"] * args.resume + ["--debug"] * args.debug
+        return launch(args.accelerate_config, args.recipe, [*args.overrides, *flags])
     from finetune.pipeline import run
 
     result = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    from finetune.train.run_dir import is_main_process
+
+    if not is_main_process():
+        return 0
     summary = result.summary
     print(
         f"done in {summary['wall_time_s']:.1f}s, {summary['steps']} steps: "

@@ -37,18 +37,22 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
     from finetune.train.checkpoints import StopOnSignalCallback, estimate_checkpoint_bytes
+    from finetune.train.launch import check_trainer_distribution
     from finetune.train.resume import check_same_data, find_resume_point
-    from finetune.train.run_dir import RunDir
+    from finetune.train.run_dir import RunDir, is_main_process
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
+    if not is_main_process():  # every process trains; one prints and writes the run folder
+        echo = lambda _: None  # noqa: E731
     if resume:
         run_dir = RunDir(Path(recipe.output.dir))
         checkpoints = find_resume_point(run_dir, recipe)
     else:
         run_dir, checkpoints = RunDir.claim(recipe.output.dir, overwrite=overwrite), None
     device = pick_device(recipe.train.use_cpu)
-    mixed_precision(recipe.train, device)  # raises now, not after loading, if the device cannot do it
+    check_fsdp_launch(recipe, mixed_precision(recipe.train, device), device)  # raises now, not after loading
+    recipe = size_batches(recipe, device, echo)
     tokenizer, data = prepare_data(recipe)
     echo_data_report(data.report, echo)
     if resume:
@@ -72,9 +76,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     open_run_folder(run_dir, recipe, data, device, checkpoints, echo)
     stop = StopOnSignalCallback()
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
+    check_trainer_distribution(trainer)
     train(trainer, run_dir, checkpoints, stop, started)
     artifact = run_dir.artifact(recipe.adapter.kind)
-    guard_writes(lambda: save_artifact(model, tokenizer, artifact), run_dir, trainer.state, started, saving=artifact)
+    # Under FSDP each process holds a shard: gather the whole state dict (every process takes part) so the
+    # saved adapter is an ordinary PEFT folder that merge and export read as they are.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if is_main_process():
+        guard_writes(
+            lambda: save_artifact(model, tokenizer, artifact, state_dict=state_dict),
+            run_dir,
+            trainer.state,
+            started,
+            saving=artifact,
+        )
 
     summary = summarize(trainer.state, artifact, trainable, total, time.time() - started)
     if checkpoints is not None:
@@ -87,11 +102,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
     """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
     from finetune.train.resume import prepare_for_resume
-    from finetune.train.run_dir import environment_info
+    from finetune.train.run_dir import environment_info, is_main_process
 
     if checkpoints is not None:
         echo(f"resume: continuing {run_dir.path} from {checkpoints.complete.name}")
-        prepare_for_resume(run_dir, checkpoints, echo)
+        if is_main_process():
+            prepare_for_resume(run_dir, checkpoints, echo)
         return
     removed = run_dir.create()
     if removed:
@@ -178,6 +194,8 @@ def _first_line(error: BaseException) -> str:
 
 def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo: Echo) -> None:
     """What follows training: sample generations, exact match, report.html."""
+    from finetune.train.run_dir import is_main_process
+
     if recipe.eval.samples:
         write_samples(model, tokenizer, data, run_dir, recipe.eval.samples)
     if recipe.eval.exact_match:
@@ -189,10 +207,55 @@ def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo:
         echo(format_table(scored))
         summary["exact_match"] = scored.accuracy
         run_dir.write_json(run_dir.summary, summary)
-    if recipe.output.report:
+    if recipe.output.report and is_main_process():
         from finetune.report.html import build_report
 
         echo(f"report: {build_report(run_dir.path)}")
+
+
+def check_fsdp_launch(recipe: Recipe, precision: str, device: str) -> None:
+    """In a process accelerate launched with an FSDP config: refuse what it would not shard.
+
+    Raises:
+        InputError: no GPU (accelerate would train unsharded), or recipe keys FSDP cannot shard.
+    """
+    from finetune.errors import InputError
+    from finetune.train.launch import fsdp_problems, fsdp_requested
+
+    if not fsdp_requested():
+        return
+    if device != "cuda":
+        raise InputError(
+            "accelerate was asked for FSDP, which needs CUDA GPUs, and this process trains on CPU; accelerate "
+            "would train unsharded without saying so. On CPU use accelerate_configs/cpu_ddp.yaml"
+        )
+    problems = fsdp_problems(recipe, precision)
+    if problems:
+        raise InputError("\n".join(f"FSDP: {line}" for line in problems))
+
+
+def size_batches(recipe: Recipe, device: str, echo: Echo) -> Recipe:
+    """micro_batch_size: auto and tokens_per_update, resolved for this device and world size."""
+    import os
+
+    from finetune.train.plan import resolve_batch
+
+    memory = None
+    if device == "cuda":
+        import torch
+
+        memory = torch.cuda.get_device_properties(0).total_memory
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    resolved = resolve_batch(recipe, device_memory=memory, world_size=world_size, sharded=sharded)
+    if resolved is not recipe:
+        train = resolved.train
+        tokens = train.micro_batch_size * recipe.data.max_seq_len * train.grad_accum * world_size
+        echo(
+            f"batch: micro-batch {train.micro_batch_size}, grad_accum {train.grad_accum}, {world_size} process(es): "
+            f"up to {tokens:,} tokens per optimizer step"
+        )
+    return resolved
 
 
 def stopped_summary(error: BaseException, state, wall_time: float) -> dict:
@@ -215,13 +278,16 @@ def write_samples(model, tokenizer, data, run_dir, n: int) -> None:
     )
 
 
-def save_artifact(model, tokenizer, target: Path) -> None:
-    """Write the adapter (or whole model) and tokenizer under a temporary name, then rename: never half a folder."""
+def save_artifact(model, tokenizer, target: Path, *, state_dict: dict | None = None) -> None:
+    """Write the adapter (or whole model) and tokenizer under a temporary name, then rename: never half a folder.
+
+    `state_dict`: the model's full state dict where the model itself holds shards (FSDP).
+    """
     import shutil
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     partial.rename(target)
 

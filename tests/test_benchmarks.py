@@ -50,3 +50,12 @@ def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
     assert rows["finetune"][4].strip() == "1.00"
     assert "x trl defaults" in out and "x alpaca-lora" in out
     assert "## train_throughput (3 steps" in results.read_text()
+
+
+def test_plan_accuracy_quick_compares_prediction_with_tensors(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("plan_accuracy.py", results)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| data/tiny-llama")]
+    assert {row[1].strip() for row in rows} == {"lora", "full", "qlora nf4"}
+    assert all(abs(float(row[4]) - 1) < 0.02 for row in rows)
+    assert "## plan_accuracy" in results.read_text()

@@ -65,7 +65,7 @@ def store(key: str, payload: dict) -> None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f"{key}.json.partial"
+        partial = folder / f"{key}.json.{os.getpid()}.partial"  # processes of one launch write alike
         body = {**payload, "train": [asdict(s) for s in payload["train"]], "eval": [asdict(s) for s in payload["eval"]]}
         partial.write_text(json.dumps(body), encoding="utf-8")
         partial.replace(folder / f"{key}.json")

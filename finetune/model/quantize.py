@@ -21,4 +21,5 @@ def build_bnb_config(spec: QuantSpec, compute_dtype):
         bnb_4bit_quant_type=spec.type,
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=spec.storage_dtype,
     )

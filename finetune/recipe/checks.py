@@ -6,6 +6,7 @@ turns the key into a file position. Paths are absolute by then (`recipe/paths.py
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 "choose a folder of its own, e.g. runs/NAME",
             )
         )
+    problems += _check_batch_sizing(train)
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:
@@ -101,6 +103,85 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 "adapter.kind: prefix cannot train with gradient checkpointing: checkpointed decoder layers drop "
                 "the prefix key/values",
                 "set train.gradient_checkpointing: false (or leave it out; it is then off for prefix-tuning)",
+            )
+        )
+    return problems
+
+
+def parse_memory_size(text: str) -> int:
+    """'24GiB', '48GB', '80G', '1.5TiB' -> bytes (GB means 10^9; GiB and a bare G mean 2^30).
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([TGM]i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB)")
+    unit = match[2].upper()
+    power = "MGT".index(unit[0]) + 2
+    factor = 1000**power if unit.endswith("B") and "I" not in unit else 1024**power
+    return int(float(match[1]) * factor)
+
+
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def check_fsdp(recipe: Recipe, precision: str) -> list[KeyProblem]:
+    """What FSDP cannot shard: 8-bit weights, and 4-bit weights stored in a dtype other than the compute dtype.
+
+    Args:
+        recipe: the validated recipe.
+        precision: the run's resolved precision (bf16, fp16 or fp32).
+    """
+    quant = recipe.quant
+    if quant is None:
+        return []
+    if quant.bits == 8:
+        return [
+            KeyProblem(
+                ("quant", "bits"),
+                "FSDP cannot shard 8-bit (LLM.int8) weights",
+                "use quant.bits: 4 with quant.storage_dtype set to the compute dtype",
+            )
+        ]
+    compute = PRECISION_DTYPES[precision] if quant.compute_dtype == "auto" else quant.compute_dtype
+    if quant.storage_dtype == compute:
+        return []
+    return [
+        KeyProblem(
+            ("quant", "storage_dtype"),
+            f"FSDP shards tensors of one dtype: the 4-bit weights must be stored as the compute dtype {compute} "
+            f"(bnb_4bit_quant_storage), not {quant.storage_dtype}",
+            f"set quant.storage_dtype: {compute}",
+        )
+    ]
+
+
+def _check_batch_sizing(train) -> list[KeyProblem]:
+    problems = []
+    if isinstance(train.micro_batch_size, int) and train.micro_batch_size <= 0:
+        problems.append(
+            KeyProblem(("train", "micro_batch_size"), f"must be greater than 0 or auto (got {train.micro_batch_size})")
+        )
+    if train.gpu_memory is not None:
+        try:
+            parse_memory_size(train.gpu_memory)
+        except ValueError as e:
+            problems.append(KeyProblem(("train", "gpu_memory"), str(e)))
+    if train.tokens_per_update is not None and "grad_accum" in train.model_fields_set:
+        problems.append(
+            KeyProblem(
+                ("train", "grad_accum"),
+                "train.tokens_per_update sets grad_accum; set one of them, not both",
+                "remove grad_accum (or tokens_per_update)",
+            )
+        )
+    if train.gpu_memory is not None and train.micro_batch_size != "auto":
+        problems.append(
+            KeyProblem(
+                ("train", "gpu_memory"),
+                f"only sizes micro_batch_size: auto; this recipe fixes micro_batch_size: {train.micro_batch_size}",
+                "set train.micro_batch_size: auto, or remove gpu_memory (finetune plan takes --gpu-memory)",
             )
         )
     return problems

@@ -51,6 +51,12 @@ class QuantSpec(Section):
     compute_dtype: DType = Field(
         "auto", description="dtype of the matmuls on dequantized weights; auto follows the training precision."
     )
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="4-bit only: dtype of the tensors that hold packed 4-bit values (bnb_4bit_quant_storage); "
+        "same bytes either way. FSDP shards the quantized weights only when this equals the compute dtype "
+        "(bfloat16 for bf16 training).",
+    )
 
 
 class LoraSpec(Section):
@@ -259,9 +265,25 @@ class TrainSpec(Section):
 
     epochs: float = Field(3, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, gt=0, description="Samples per device per forward pass.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        4,
+        description="Samples per device per forward pass. auto: the largest that the memory planner (finetune "
+        "plan) says fits train.gpu_memory, or the GPU's memory when that is null; a CPU run needs train.gpu_memory. "
+        "The chosen number is written into the run folder's recipe.yaml.",
+    )
     grad_accum: int = Field(
         8, gt=0, description="Micro-batches per optimizer step; batch = micro_batch_size x grad_accum x devices."
+    )
+    tokens_per_update: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per optimizer step (micro-batch x data.max_seq_len x grad_accum x devices); sets "
+        "grad_accum to reach at least this many, so leave grad_accum out. Written into recipe.yaml as grad_accum.",
+    )
+    gpu_memory: str | None = Field(
+        None,
+        description="Memory per GPU (e.g. 24GiB, 80GB) that micro_batch_size: auto and finetune plan size for; "
+        "null: the visible GPU's memory.",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(

@@ -48,6 +48,14 @@ TRACKED_PACKAGES = (
 )
 
 
+def is_main_process() -> bool:
+    """True in the process that writes the run folder and prints: rank 0 of a launch, or the only process.
+
+    Every process of a launch builds the same data and trains; the others write nothing here.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -91,6 +99,8 @@ class RunDir:
     def create(self) -> list[str]:
         """Make the (empty) folder, removing a previous run's files; returns what was removed."""
         removed = []
+        if not is_main_process():
+            return removed
         if self.path.is_dir():
             for child in sorted(self.path.iterdir()):
                 removed.append(child.name)
@@ -109,12 +119,16 @@ class RunDir:
             )
 
     def write_json(self, target: Path, payload: dict) -> None:
-        """Write JSON atomically: a reader never sees a half-written file."""
+        """Write JSON atomically: a reader never sees a half-written file. Only the main process writes."""
+        if not is_main_process():
+            return
         partial = target.with_name(target.name + ".partial")
         partial.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         partial.replace(target)
 
     def write_text(self, target: Path, text: str) -> None:
+        if not is_main_process():
+            return
         partial = target.with_name(target.name + ".partial")
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)

@@ -1,0 +1,117 @@
+"""A model's shape (layers, widths, heads, vocabulary) from its config.json alone: no weights, no torch.
+
+The memory planner works from this. A local folder's config.json is read directly; for a hub id only
+config.json is downloaded (huggingface_hub). `LLAMA1_SHAPES` are the LLaMA-1 sizes, so a plan can be
+asked for before any model is chosen (`finetune plan --model-params 65B`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import InputError
+from finetune.recipe.checks import looks_local
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a LLaMA-family decoder that decide its memory."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    head_dim: int
+    tied_embeddings: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer, by module name."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+def llama1(hidden: int, layers: int, intermediate: int, heads: int) -> ModelShape:
+    return ModelShape(hidden, intermediate, layers, heads, heads, 32000, hidden // heads)
+
+
+# LLaMA-1 (Touvron et al. 2023), Table 2: dimension, layers, heads; the FFN width of the released weights.
+LLAMA1_SHAPES = {
+    "7B": llama1(4096, 32, 11008, 32),
+    "13B": llama1(5120, 40, 13824, 40),
+    "33B": llama1(6656, 60, 17920, 52),
+    "65B": llama1(8192, 80, 22016, 64),
+}
+
+
+def shape_from_config(config: dict, source: str) -> ModelShape:
+    """The shape of a transformers LLaMA-family config mapping.
+
+    Raises:
+        InputError: a size the planner needs is missing.
+    """
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [key for key in needed if not isinstance(config.get(key), int)]
+    if missing:
+        raise InputError(f"{source}: config.json lacks {', '.join(missing)}; is it a LLaMA-family decoder?")
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        vocab_size=config["vocab_size"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def read_shape(name_or_path: str, revision: str | None = None) -> ModelShape:
+    """The shape of a local model folder or hub model, from config.json only.
+
+    Raises:
+        InputError: no readable config.json there.
+    """
+    if looks_local(name_or_path):
+        path = Path(name_or_path).expanduser() / "config.json"
+    else:
+        path = _download_config(name_or_path, revision)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.name_or_path: cannot read {path}: {e}") from None
+    return shape_from_config(config, name_or_path)
+
+
+def _download_config(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"model.name_or_path: cannot fetch config.json of {repo_id!r}: {first_line}; "
+            "give a local folder or --model-params 7B|13B|33B|65B"
+        ) from None

@@ -1,0 +1,128 @@
+"""Several processes: accelerate configs parse with the settings the code relies on; 2-process DDP on CPU
+(accelerate_configs/cpu_ddp.yaml) trains the same adapter as 1 process at the same global batch and
+writes one run folder; silent fallbacks are refused before launching."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.recipe.load import load_recipe
+from finetune.train.launch import check_launch, read_accelerate_config
+
+from conftest import REPO
+
+CONFIGS = REPO / "accelerate_configs"
+FSDP_CONFIGS = ("fsdp.yaml", "fsdp_qlora.yaml", "multi_node.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_accelerate_config_parses_with_a_header_comment(name):
+    text = (CONFIGS / name).read_text()
+    assert text.startswith("# ") and "accelerate" in text.split("\n\n")[0] + text[:600]
+    config = read_accelerate_config(str(CONFIGS / name))
+    assert config["distributed_type"] in ("NO", "MULTI_GPU", "FSDP")
+    assert config["use_cpu"] is False  # use_cpu: true makes accelerate start a single process
+    assert config["mixed_precision"] == "no"  # precision comes from the recipe
+
+
+@pytest.mark.parametrize("name", FSDP_CONFIGS)
+def test_fsdp_configs_shard_llama_layers_as_the_code_expects(name):
+    fsdp = read_accelerate_config(str(CONFIGS / name))["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FSDP2, full shard
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+    assert fsdp["fsdp_activation_checkpointing"] is False  # the recipe's gradient checkpointing does it
+
+
+def test_cpu_ddp_config_runs_two_cpu_processes():
+    config = read_accelerate_config(str(CONFIGS / "cpu_ddp.yaml"))
+    # accelerate starts processes with torchrun for MULTI_GPU only; MULTI_CPU would run one process
+    assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 2
+
+
+def test_fsdp_without_cuda_is_refused_before_launching(write_recipe, tmp_path, capsys):
+    recipe = write_recipe()
+    code = main(["run", str(recipe), "--accelerate-config", str(CONFIGS / "fsdp.yaml")])
+    assert code == 2
+    assert "asks for FSDP, which needs CUDA GPUs and this run has none" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_qlora_needs_storage_in_the_compute_dtype(write_recipe, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the check that follows the GPU check
+    config = read_accelerate_config(str(CONFIGS / "fsdp_qlora.yaml"))
+    recipe = load_recipe(write_recipe(), ["quant.bits=4", "train.precision=bf16"])
+    with pytest.raises(
+        Exception, match="quant.storage_dtype: FSDP shards tensors of one dtype.*set quant.storage_dtype: bfloat16"
+    ):
+        check_launch(recipe, config, "fsdp_qlora.yaml")
+    check_launch(
+        recipe.model_copy(update={"quant": recipe.quant.model_copy(update={"storage_dtype": "bfloat16"})}),
+        config,
+        "fsdp_qlora.yaml",
+    )
+
+
+@pytest.mark.parametrize("change", [{"use_cpu": True}, {"distributed_type": "MULTI_CPU"}])
+def test_configs_that_would_run_one_process_are_refused(write_recipe, tmp_path, capsys, change):
+    config = yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | change
+    path = tmp_path / "one_process.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(write_recipe()), "--accelerate-config", str(path)]) == 2
+    assert "accelerate starts one process, not 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(write_recipe, tmp_path):
+    config = yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()}
+    config_path = tmp_path / "cpu_ddp.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    common = {"max_steps": 3, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
+    ddp = write_recipe(
+        "ddp.yaml",
+        train={**common, "micro_batch_size": 2},
+        data={"max_rows": 24},
+        output={"dir": str(tmp_path / "ddp"), "tensorboard": False},
+    )
+    single = write_recipe(
+        "single.yaml",
+        train={**common, "micro_batch_size": 4},
+        data={"max_rows": 24},
+        output={"dir": str(tmp_path / "single"), "tensorboard": False},
+    )
+    assert main(["run", str(ddp), "--accelerate-config", str(config_path)]) == 0
+    assert main(["run", str(single)]) == 0
+
+    two, one = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("ddp", "single"))
+    assert two.keys() == one.keys() and len(one) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps))  # one process logged: no step twice
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "single"]  # one run folder each
+
+
+def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    assert main(["run", str(write_recipe(train={"use_cpu": True}))]) == 2
+    assert "accelerate was asked for FSDP, which needs CUDA GPUs, and this process trains on CPU" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
