@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     compare.add_argument("--out", default="compare.png", help="PNG of the overlaid losses (default compare.png)")
+    export = verb("export", cmd_export, "write a clean, shareable folder of what a run trained", recipe=False)
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="what to write")
+    export.add_argument("--out", help="folder to write (default RUN_DIR/export/adapter)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     data = verbs.add_parser("data", help="data tools", description="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
     goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
@@ -240,3 +245,21 @@ def cmd_tiny_model(args) -> int:
     )
     print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
     return 0
+
+
+def cmd_export(args) -> int:
+    return EXPORT_FORMATS[args.format](args)
+
+
+def cmd_export_adapter(args) -> int:
+    from finetune.artifacts.export import export_adapter
+
+    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite)
+    if result.whole_model:
+        print("full fine-tuning run (adapter.kind: none): it has no adapter, so the whole model is exported")
+    print(f"exported {len(result.files)} files to {result.path}: {', '.join(result.files)}")
+    return 0
+
+
+# --format of `finetune export` -> its handler; a new format is one entry here
+EXPORT_FORMATS = {"adapter": cmd_export_adapter}
