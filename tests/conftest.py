@@ -93,7 +93,8 @@ def write_rows(path: Path, rows: list) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """tiny_run(name, **sections) -> a finished run folder of 2 steps on the tiny LLaMA, trained once per
-    session for each name (sections as for write_recipe: merged into the defaults, adapter replaced)."""
+    session for each name (sections as for write_recipe: merged into the defaults, a key given as None
+    removed, the adapter replaced)."""
     from finetune.pipeline import run
     from finetune.recipe.load import load_recipe
 
@@ -120,7 +121,8 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
         }
         for section, values in sections.items():
             replace = section == "adapter" and values.get("kind", "lora") != "lora"
-            recipe[section] = values if replace else {**recipe.get(section, {}), **values}
+            merged = values if replace else {**recipe.get(section, {}), **values}
+            recipe[section] = {key: value for key, value in merged.items() if value is not None}
         path = folder / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         done[name] = run(load_recipe(path), echo=lambda _: None).path

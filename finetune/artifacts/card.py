@@ -155,7 +155,7 @@ def final_metrics(summary: dict, exact_match: float | None) -> list[tuple[str, o
         ("last train loss", _round(summary.get("last_train_loss"))),
         ("eval loss", _round(summary.get("eval_loss"))),
         ("exact match (held-out problems)", f"{exact_match:.1%}" if exact_match is not None else None),
-        ("tokens trained on", summary.get("tokens_seen")),
+        ("tokens seen (padding excluded)", summary.get("tokens_seen")),
         ("trainable parameters", summary.get("trainable_params")),
         ("wall time (s)", summary.get("wall_time_s")),
     ]
