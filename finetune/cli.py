@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50; 0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
+    push = verb("push", cmd_push, "upload a run's adapter (or merged model) to a Hugging Face hub repo", recipe=False)
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("--repo-id", required=True, help="namespace/name; created if missing")
+    push.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default main)")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
     data = verbs.add_parser("data", help="data tools", description="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
     goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
@@ -270,6 +277,20 @@ def cmd_generate(args) -> int:
     rows = read_prompts(args.prompt, args.file)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     generate(args.target, rows, sampling, prompt_format=args.format)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from finetune.artifacts.hub import push
+
+    push(
+        args.run_dir,
+        args.repo_id,
+        merged=args.merged,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+    )
     return 0
 
 

@@ -10,6 +10,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
+# what `finetune export --format adapter` writes for a LoRA run on the tiny LLaMA
+ADAPTER_EXPORT = [
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "recipe.yaml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

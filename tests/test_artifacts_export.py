@@ -11,14 +11,7 @@ from finetune.artifacts.card import front_matter, read_front_matter
 from finetune.cli import main
 from finetune.recipe.schema import Recipe
 
-ADAPTER_EXPORT = [
-    "README.md",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "recipe.yaml",
-    "tokenizer.json",
-    "tokenizer_config.json",
-]
+from conftest import ADAPTER_EXPORT
 
 
 def logits(model, ids: list[int]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Load a run's trained model from its folder alone, and generate from it."""
+"""Load a run's trained model from its folder alone (or any model folder), and generate from it: greedy
+batches for samples and exact match, sampled or greedy and streamed for `finetune generate`."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def read_run_recipe(run_dir: Path) -> Recipe:
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
-    """(model, tokenizer) of a finished run: the base named in its recipe plus adapter/, or model/.
+    """(model, tokenizer) of a finished run: adapter/ on the base it was saved against, loaded as the
+    recipe says (dtype, quantization), or model/.
 
     Raises:
         InputError: the run has no trained artifact.
