@@ -83,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     compare.add_argument("--out", default="compare.png", help="PNG of the overlaid losses (default compare.png)")
+    export = verb("export", cmd_export, "write a clean, shareable folder of what a run trained", recipe=False)
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="what to write")
+    export.add_argument("--out", help="folder to write (default RUN_DIR/export/adapter)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    gen = verb("generate", cmd_generate, "answer prompts with a trained run or a model folder", recipe=False)
+    gen.add_argument("target", metavar="RUN_DIR|MODEL_DIR", help="a run folder, an exported or merged folder")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (the instruction)")
+    source.add_argument("--file", help="one prompt per line: text, or JSON with instruction and optional input")
+    gen.add_argument(
+        "--format",
+        choices=["alpaca", "goat", "chat", "raw"],
+        help="prompt template (default: the run's data format; for a folder without recipe.yaml, chat when "
+        "the tokenizer has a chat template, else raw)",
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="default 256; stops earlier at EOS")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
+    gen.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50; 0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass (default 1)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
+    push = verb("push", cmd_push, "upload a run's adapter (or merged model) to a Hugging Face hub repo", recipe=False)
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("--repo-id", required=True, help="namespace/name; created if missing")
+    push.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default main)")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
     data = verbs.add_parser("data", help="data tools", description="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="TOOL")
     goat = data_verbs.add_parser("goat", help="generate Goat arithmetic rows (JSON lines)")
@@ -289,3 +317,45 @@ def cmd_tiny_model(args) -> int:
     )
     print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
     return 0
+
+
+def cmd_generate(args) -> int:
+    from finetune.eval.generate import Sampling, generate
+    from finetune.eval.prompts import read_prompts
+
+    rows = read_prompts(args.prompt, args.file)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    generate(args.target, rows, sampling, prompt_format=args.format)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from finetune.artifacts.hub import push
+
+    push(
+        args.run_dir,
+        args.repo_id,
+        merged=args.merged,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    return EXPORT_FORMATS[args.format](args)
+
+
+def cmd_export_adapter(args) -> int:
+    from finetune.artifacts.export import export_adapter
+
+    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite)
+    if result.whole_model:
+        print("full fine-tuning run (adapter.kind: none): it has no adapter, so the whole model is exported")
+    print(f"exported {len(result.files)} files to {result.path}: {', '.join(result.files)}")
+    return 0
+
+
+# --format of `finetune export` -> its handler; a new format is one entry here
+EXPORT_FORMATS = {"adapter": cmd_export_adapter}

@@ -10,6 +10,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
+# what `finetune export --format adapter` writes for a LoRA run on the tiny LLaMA
+ADAPTER_EXPORT = [
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "recipe.yaml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,3 +97,44 @@ def write_recipe(tmp_path, tiny_model_dir):
 def write_rows(path: Path, rows: list) -> Path:
     path.write_text(json.dumps(rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """tiny_run(name, **sections) -> a finished run folder of 2 steps on the tiny LLaMA, trained once per
+    session for each name (sections as for write_recipe: merged into the defaults, a key given as None
+    removed, the adapter replaced)."""
+    from finetune.pipeline import run
+    from finetune.recipe.load import load_recipe
+
+    done: dict[str, Path] = {}
+
+    def train(name: str, **sections) -> Path:
+        if name in done:
+            return done[name]
+        folder = tmp_path_factory.mktemp(f"run-{name}")
+        recipe = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 128, "max_rows": 16},
+            "train": {
+                "max_steps": 2,
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "lr": 1e-2,
+                "logging_steps": 1,
+                "gradient_checkpointing": False,
+            },
+            "eval": {"samples": 0},
+            "output": {"dir": str(folder / "run"), "report": False},
+        }
+        for section, values in sections.items():
+            replace = section == "adapter" and values.get("kind", "lora") != "lora"
+            merged = values if replace else {**recipe.get(section, {}), **values}
+            recipe[section] = {key: value for key, value in merged.items() if value is not None}
+        path = folder / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        done[name] = run(load_recipe(path), echo=lambda _: None).path
+        return done[name]
+
+    return train

@@ -1,7 +1,9 @@
-"""Load a run's trained model from its folder alone, and generate from it."""
+"""Load a run's trained model from its folder alone (or any model folder), and generate from it: greedy
+batches for samples and exact match, sampled or greedy and streamed for `finetune generate`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import InputError
@@ -12,6 +14,9 @@ from finetune.recipe.schema import Recipe
 def read_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run folder was trained with.
 
+    The files it names are not required to exist any more: the run is a record, and its relative paths
+    were relative to the directory it was trained from.
+
     Raises:
         InputError: the folder is not a run folder, or one written by an incompatible version.
     """
@@ -20,41 +25,79 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     if not (run_dir / "recipe.yaml").is_file():
         raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
     check_run_format(RunDir(run_dir))
-    return load_recipe(run_dir / "recipe.yaml")
+    return load_recipe(run_dir / "recipe.yaml", check_files=False)
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
-    """(model, tokenizer) of a finished run: the base named in its recipe plus adapter/, or model/.
+    """(model, tokenizer) of a finished run: adapter/ on the base it was saved against, loaded as the
+    recipe says (dtype, quantization), or model/.
 
     Raises:
         InputError: the run has no trained artifact.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.model.load import ensure_pad_token, load_model
     from finetune.train.run_dir import RunDir
 
     artifact = RunDir(run_dir).artifact(recipe.adapter.kind)
     if not artifact.is_dir():
         raise InputError(f"{run_dir}: has no {artifact.name}/; did the run finish?")
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    return load_folder(artifact, recipe, device=device)
+
+
+def load_folder(folder: Path, recipe: Recipe | None, *, device: str):
+    """(model, tokenizer) of a model folder or a PEFT adapter folder, in eval mode.
+
+    Args:
+        folder: holds config.json and weights, or adapter_config.json and the adapter.
+        recipe: the run's recipe when known: it says how to load the base (dtype, quantization) and,
+            for an adapter, which base; without it an adapter's base is its adapter_config's.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from finetune.model.load import ensure_pad_token, load_model
+    from finetune.recipe.schema import ModelSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     ensure_pad_token(tokenizer)
-    if recipe.adapter.kind == "none":
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype="auto").to(device)
-    else:
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
         from peft import PeftModel
 
-        base = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)
+        # the saved base is absolute (or a hub id), so it loads from any directory; the recipe says how
+        saved_base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        base = recipe.model if recipe is not None else ModelSpec(name_or_path=saved_base)
+        base = base.model_copy(update={"name_or_path": saved_base})
+        quant = recipe.quant if recipe is not None else None
+        base_model = load_model(base, quant, device=device, tokenizer=tokenizer)
         try:
-            model = PeftModel.from_pretrained(base, artifact)
-        except RuntimeError as e:  # tensors of another shape: the recipe's base is not the one trained on
+            model = PeftModel.from_pretrained(base_model, folder)
+        except RuntimeError as e:  # tensors of another shape: the base is not the one trained on
             first = str(e).strip().splitlines()
             detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-            raise InputError(
-                f"{artifact}: the adapter does not fit the base model {recipe.model.name_or_path}: {detail}"
-            ) from None
+            raise InputError(f"{folder}: the adapter does not fit the base model {saved_base}: {detail}") from None
     model.eval()
     return model, tokenizer
+
+
+def load_target(target: Path, recipe: Recipe | None, *, device: str):
+    """(model, tokenizer) of a run folder, an exported or merged folder, or any model folder.
+
+    A folder with config.json or adapter_config.json is loaded as it is (with the recipe.yaml beside it,
+    if any); a folder with only recipe.yaml is a run folder, whose adapter/ or model/ is loaded.
+
+    Raises:
+        InputError: the folder is neither.
+    """
+    if not target.is_dir():
+        raise InputError(f"{target}: no such folder")
+    if (target / "config.json").is_file() or (target / "adapter_config.json").is_file():
+        return load_folder(target, recipe, device=device)
+    if recipe is not None:
+        return load_trained(target, recipe, device=device)
+    raise InputError(
+        f"{target}: neither a run folder (recipe.yaml) nor a model folder (config.json or adapter_config.json)"
+    )
 
 
 def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
@@ -80,14 +123,101 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tok
         output = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **generation_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens)),
         )
         completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return completions
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token: greedy at temperature 0, else sampled with top-k and top-p."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises InputError naming the first setting out of range."""
+        if self.max_new_tokens <= 0:
+            raise InputError(f"--max-new-tokens: must be greater than 0 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise InputError(f"--temperature: must be 0 (greedy) or more (got {self.temperature})")
+        if self.top_k < 0:
+            raise InputError(f"--top-k: must be 0 (off) or more (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p: must be greater than 0 and at most 1 (got {self.top_p})")
+
+
+def generation_kwargs(tokenizer, sampling: Sampling) -> dict:
+    """`model.generate` arguments: stop at EOS, pad with the pad token, always use the KV cache."""
+    kwargs = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        use_cache=True,  # prefix-tuning cannot generate without it
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if sampling.temperature == 0:
+        return kwargs | {"do_sample": False}
+    return kwargs | {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k or None,
+        "top_p": sampling.top_p,
+    }
+
+
+def generate_one(model, tokenizer, ids: list[int], sampling: Sampling, *, streamer=None) -> list[int]:
+    """The new token ids after the prompt `ids` (EOS included when the model stopped there).
+
+    The seed is set before every prompt, so a prompt's sample does not depend on the prompts before it.
+    """
+    import torch
+    from transformers import set_seed
+
+    set_seed(sampling.seed)
+    input_ids = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            **generation_kwargs(tokenizer, sampling),
+        )
+    return output[0, len(ids) :].tolist()
+
+
+def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt_format: str | None, echo=print):
+    """Answer each prompt row with the model of `target`, streaming the text; returns the new ids per row.
+
+    Args:
+        target: a run folder, an exported or merged folder, or any transformers model folder.
+        rows: `{instruction, input}` rows (from `finetune.eval.prompts.read_prompts`).
+        prompt_format: alpaca, goat, chat or raw; None: the run's data format (see `choose_format`).
+        echo: prints the line before each answer when there are several prompts; None streams nothing.
+
+    Raises:
+        InputError: a bad setting, target or format.
+    """
+    from transformers import TextStreamer
+
+    from finetune.eval.prompts import choose_format, prompt_ids
+    from finetune.model.load import pick_device
+
+    sampling.check()
+    target = Path(target)
+    recipe = read_run_recipe(target) if (target / "recipe.yaml").is_file() else None
+    model, tokenizer = load_target(target, recipe, device=pick_device(recipe.train.use_cpu if recipe else False))
+    chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None
+    answers = []
+    for number, row in enumerate(rows, start=1):
+        if echo and len(rows) > 1:
+            echo(f"[{number}/{len(rows)}] {row['instruction']}")
+        answers.append(generate_one(model, tokenizer, prompt_ids(tokenizer, chosen, row), sampling, streamer=streamer))
+    return answers
 
 
 def sample_generations(model, tokenizer, samples, *, n: int = 4, max_new_tokens: int = 96) -> list[dict]:

@@ -53,12 +53,14 @@ class Origins:
         return self.file, ".".join(path)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
     """Read, override and validate a recipe.
 
     Args:
         path: the YAML file.
         overrides: `dotted.key=value` strings; values are parsed as YAML (`3`, `true`, `[a, b]`).
+        check_files: require the local files and folders the recipe names to exist (off for the record
+            of a finished run, whose relative paths may be read from another directory).
 
     Raises:
         RecipeError: with every problem found, each located in the file or on the command line.
@@ -76,7 +78,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     resolve_paths(raw, Path(path).absolute().parent, set(origins.overrides))
     recipe, schema_problems = validate(raw, origins)
     problems += schema_problems
-    key_problems = check_paths(raw) + (cross_check(recipe) if recipe is not None else [])
+    key_problems = (check_paths(raw) if check_files else []) + (cross_check(recipe) if recipe is not None else [])
     problems += [Problem(*origins.locate(p.path), p.message, p.hint) for p in key_problems]
     if problems:
         raise RecipeError(sorted(problems, key=_reading_order))
