@@ -95,7 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64 (default 128)")
     tiny.add_argument("--intermediate-size", type=int, default=256, help="a multiple of 64 (default 256)")
     tiny.add_argument("--init-std", type=float, default=0.1, help="std of the random weights (default 0.1)")
+    add_merge_verb(verb)
     return parser
+
+
+def add_merge_verb(verb) -> None:
+    merge = verb(
+        "merge", cmd_merge, "fold a LoRA run's adapter into its base weights: a plain transformers folder", recipe=False
+    )
+    merge.add_argument("run_dir", metavar="RUN_DIR")
+    merge.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/merged)")
+    merge.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weight dtype (default the recipe's model.dtype; auto is float32 on CPU)",
+    )
+    merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip comparing the merged model's logits with the adapter model's",
+    )
+
+
+def cmd_merge(args) -> int:
+    from finetune.artifacts.merge import merge_run
+
+    merge_run(
+        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
+    )
+    return 0
 
 
 def cmd_validate(args) -> int:
