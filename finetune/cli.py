@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--intermediate-size", type=int, default=256, help="a multiple of 64 (default 256)")
     tiny.add_argument("--init-std", type=float, default=0.1, help="std of the random weights (default 0.1)")
     add_merge_verb(verb)
+    add_export_verb(verb)
     return parser
 
 
@@ -118,6 +119,30 @@ def add_merge_verb(verb) -> None:
         action="store_false",
         help="skip comparing the merged model's logits with the adapter model's",
     )
+
+
+def add_export_verb(verb) -> None:
+    export = verb("export", cmd_export, "write a run's model in another format: gguf (llama.cpp)", recipe=False)
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="what to write")
+    export.add_argument("--out", metavar="PATH", help="file or folder to write (default inside RUN_DIR)")
+    export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def cmd_export(args) -> int:
+    return EXPORTERS[args.format](args)
+
+
+def export_gguf(args) -> int:
+    from finetune.artifacts.gguf import export_gguf
+
+    export_gguf(args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite)
+    return 0
+
+
+# --format NAME -> the handler that writes it
+EXPORTERS = {"gguf": export_gguf}
 
 
 def cmd_merge(args) -> int:

@@ -143,3 +143,13 @@ def safetensors_dtype(dtype) -> str:
 def torch_dtype(name: str):
     """The torch dtype of a safetensors header's dtype name."""
     return {value: key for key, value in _dtype_names().items()}[name]
+
+
+def checkpoint_dtype(shards: list[Shard]):
+    """The torch dtype the checkpoint stores its floating tensors in (that of the first one found)."""
+    for shard in shards:
+        for info in tensor_infos(shard.path).values():
+            dtype = torch_dtype(info["dtype"])
+            if dtype.is_floating_point:
+                return dtype
+    raise InputError(f"{shards[0].path.parent}: no floating-point tensor in the checkpoint")
