@@ -132,3 +132,15 @@ def test_merge_refuses_prefix_full_and_a_non_empty_out(write_recipe, tmp_path, c
     assert main(["merge", str(run_dir)]) == 2
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in (run_dir / "merged").iterdir()] == ["keep.txt"]
+
+
+def test_a_failed_check_exits_1_and_writes_nothing(write_recipe, capsys):
+    # an adapter config that no longer matches its weights: peft now skips q_proj's LoRA pair, the merge does not
+    run_dir = train(write_recipe, adapter={"target_modules": ["q_proj", "v_proj"]})
+    config_path = run_dir / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"exclude_modules": ["q_proj"]}))
+    assert main(["merge", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "nothing was written" in err
+    assert not (run_dir / "merged").exists() and not (run_dir / "merged.partial").exists()

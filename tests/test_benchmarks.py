@@ -36,3 +36,14 @@ def test_methods_quick_reports_each_method(tmp_path):
         assert int(trainable.replace(",", "")) > 0 and float(rss) > 0 and float(tokens_per_s) > 0
         assert min(float(first), float(last), float(eval_loss)) > 0
     assert "## methods (3 steps" in results.read_text()
+
+
+def test_merge_memory_quick_measures_both_merges(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("merge_memory.py", results)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"baseline", "finetune merge --no-verify", "peft merge_and_unload"}
+    assert all(float(rows[name][0]) > 0 and float(rows[name][-1]) > 0 for name in rows if name != "process")
+    difference = out.split("the two merges' weights differ by at most ")[1].split()[0]
+    assert float(difference) < 1e-5  # both merges wrote the same weights
+    assert "## merge_memory (" in results.read_text()

@@ -257,32 +257,33 @@ def plan_tensors(shards, quant_type: str) -> list[dict]:
     """Every tensor to write, in order: HF and GGUF names, its shard, GGUF type, shape and size in bytes."""
     import gguf
     import numpy as np
-    from safetensors import safe_open
+
+    from finetune.artifacts.shards import tensor_infos
 
     plan = []
     for shard in shards:
-        with safe_open(shard.path, framework="pt") as f:
-            for hf_name in shard.names:
-                name = gguf_name(hf_name)
-                if name is None:
-                    continue
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                numel = int(np.prod(shape))
-                if len(shape) == 1:
-                    kind = gguf.GGMLQuantizationType.F32
-                elif quant_type == "q8_0" and shape[-1] % Q8_BLOCK == 0:
-                    kind = gguf.GGMLQuantizationType.Q8_0
-                else:
-                    kind = gguf.GGMLQuantizationType.F16
-                item = {"hf_name": hf_name, "name": name, "shard": shard.path, "type_name": kind.name, "shape": shape}
-                if kind == gguf.GGMLQuantizationType.Q8_0:
-                    byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
-                    item |= {"shape": byte_shape, "np_dtype": np.uint8, "raw_dtype": kind}
-                    item["nbytes"] = int(np.prod(byte_shape))
-                else:
-                    np_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
-                    item |= {"np_dtype": np_dtype, "raw_dtype": None, "nbytes": numel * np.dtype(np_dtype).itemsize}
-                plan.append(item)
+        infos = tensor_infos(shard.path)
+        for hf_name in shard.names:
+            name = gguf_name(hf_name)
+            if name is None:
+                continue
+            shape = tuple(infos[hf_name]["shape"])
+            numel = int(np.prod(shape))
+            if len(shape) == 1:
+                kind = gguf.GGMLQuantizationType.F32
+            elif quant_type == "q8_0" and shape[-1] % Q8_BLOCK == 0:
+                kind = gguf.GGMLQuantizationType.Q8_0
+            else:
+                kind = gguf.GGMLQuantizationType.F16
+            item = {"hf_name": hf_name, "name": name, "shard": shard.path, "type_name": kind.name, "shape": shape}
+            if kind == gguf.GGMLQuantizationType.Q8_0:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
+                item |= {"shape": byte_shape, "np_dtype": np.uint8, "raw_dtype": kind}
+                item["nbytes"] = int(np.prod(byte_shape))
+            else:
+                np_dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+                item |= {"np_dtype": np_dtype, "raw_dtype": None, "nbytes": numel * np.dtype(np_dtype).itemsize}
+            plan.append(item)
     return plan
 
 
@@ -290,12 +291,13 @@ def write_tensors(writer, plan: list[dict], config: dict) -> None:
     """Each tensor read from its shard, Q/K permuted, converted to its GGUF type and written, one at a time."""
     import gguf
     import numpy as np
-    from safetensors import safe_open
+
+    from finetune.artifacts.shards import ShardReader
 
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for item in plan:
-        with safe_open(item["shard"], framework="pt") as f:
-            data = f.get_tensor(item["hf_name"]).float().numpy()
+        with ShardReader(item["shard"]) as reader:
+            data = reader.get(item["hf_name"]).float().numpy()
         kind = item["name"].split(".")[-2]
         if kind in heads:
             data = permute(data, heads[kind])

@@ -80,8 +80,8 @@ def _bias_name(weight_name: str) -> str:
     return weight_name.removesuffix(".weight") + ".bias"
 
 
-def read_adapter(folder: Path) -> Adapter:
-    """Read `adapter_config.json` and `adapter_model.safetensors` of a LoRA adapter folder.
+def read_adapter(folder: Path, *, device: str = "cpu") -> Adapter:
+    """Read `adapter_config.json` and `adapter_model.safetensors` of a LoRA adapter folder onto `device`.
 
     Raises:
         InputError: not a LoRA adapter, or one using settings this merge cannot reproduce.
@@ -94,7 +94,7 @@ def read_adapter(folder: Path) -> Adapter:
     used = [key for key in UNSUPPORTED if config.get(key)]
     if used:
         raise InputError(f"{folder}/adapter_config.json: cannot merge an adapter with {', '.join(used)} set")
-    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    tensors = load_file(folder / ADAPTER_WEIGHTS, device=device)
     adapter = Adapter()
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)

@@ -74,8 +74,9 @@ def merge_run(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        shards = write_merged(run_dir.adapter, base_folder(recipe), partial, dtype_name, device, echo)
-        write_tokenizer_and_config(recipe, run_dir.adapter, base_folder(recipe), partial, dtype_name)
+        base = base_folder(recipe)
+        shards = write_merged(run_dir.adapter, base, partial, dtype_name, device, echo)
+        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
         max_diff = tolerance = None
         if verify:
             from finetune.artifacts.verify import check_merged
@@ -145,12 +146,18 @@ def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, devi
         InputError: the adapter changes a tensor the base checkpoint does not have.
     """
     import torch
-    from safetensors import safe_open
 
     from finetune.artifacts.lora import read_adapter
-    from finetune.artifacts.shards import ShardWriter, list_shards, safetensors_dtype, shard_names, write_index
+    from finetune.artifacts.shards import (
+        ShardReader,
+        ShardWriter,
+        list_shards,
+        safetensors_dtype,
+        shard_names,
+        write_index,
+    )
 
-    adapter = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir, device=device)
     shards = list_shards(base)
     missing = adapter.targets - {name for shard in shards for name in shard.names}
     if missing:
@@ -158,12 +165,13 @@ def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, devi
     dtype = getattr(torch, dtype_name)
     weight_map, total = {}, 0
     for shard, name in zip(shards, shard_names(len(shards)), strict=True):
-        with safe_open(shard.path, framework="pt", device="cpu") as f:
-            layout = {key: (_merged_shape(adapter, key, f), _out_dtype(f, key, dtype)) for key in shard.names}
+        with ShardReader(shard.path) as reader:
+            layout = {key: _merged_layout(adapter, reader, key, dtype) for key in shard.names}
             with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
                 for key in shard.names:
-                    tensor = adapter.apply(key, f.get_tensor(key).to(device))
+                    tensor = adapter.apply(key, reader.get(key).to(device))
                     writer.write(key, tensor.to(layout[key][1]))
+                    del tensor  # before the next tensor is read
             total += writer.total_size
         weight_map |= dict.fromkeys(shard.names, name)
         echo(f"merged {shard.path.name} -> {name}")
@@ -171,19 +179,12 @@ def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, devi
     return len(shards)
 
 
-def _merged_shape(adapter, key: str, f) -> tuple[int, ...]:
-    """A replaced tensor may have a new shape (embeddings resized for added tokens); the rest keep theirs."""
-    if key in adapter.replaced:
-        return tuple(adapter.replaced[key].shape)
-    return tuple(f.get_slice(key).get_shape())
-
-
-def _out_dtype(f, key: str, dtype):
-    """Floating tensors take the output dtype; integer buffers keep theirs."""
-    from finetune.artifacts.shards import torch_dtype
-
-    stored = torch_dtype(f.get_slice(key).get_dtype())
-    return dtype if stored.is_floating_point else stored
+def _merged_layout(adapter, reader, key: str, dtype) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of a merged tensor: a replaced tensor may have a new shape (embeddings resized for added
+    tokens); floating tensors take the output dtype, integer buffers keep theirs."""
+    shape = tuple(adapter.replaced[key].shape) if key in adapter.replaced else reader.shape(key)
+    stored = reader.dtype(key)
+    return shape, dtype if stored.is_floating_point else stored
 
 
 def write_tokenizer_and_config(recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str) -> None:
@@ -217,13 +218,12 @@ def write_tokenizer_and_config(recipe: Recipe, adapter_dir: Path, base: Path, ou
 
 
 def _embedding_rows(shards) -> int | None:
-    from safetensors import safe_open
+    from finetune.artifacts.shards import tensor_infos
 
     for shard in shards:
-        for name in shard.names:
+        for name, info in tensor_infos(shard.path).items():
             if name.endswith("embed_tokens.weight"):
-                with safe_open(shard.path, framework="pt") as f:
-                    return f.get_slice(name).get_shape()[0]
+                return info["shape"][0]
     return None
 
 

@@ -1,8 +1,11 @@
-"""Safetensors shards read one at a time and written one tensor at a time.
+"""Safetensors files read and written one tensor at a time.
 
 `safetensors.torch.save_file` needs every tensor of a file in memory at once; a merged shard is written
-here header first (every shape and offset is known from the input's header), then tensor by tensor, so
-the merge holds one input shard (memory-mapped) and one tensor, not a whole output shard, at a time.
+here header first (every shape and offset is known from the input's header), then tensor by tensor.
+Tensors are read with plain file reads, not through `safe_open`'s memory map: the pages of a mapped file
+that have been read stay in the process's resident memory until the file is closed, which made a merge's
+peak one whole input shard plus a tensor (measured in benchmarks/merge_memory.py); read this way it is
+about the largest tensor.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ def list_shards(folder: Path) -> list[Shard]:
     Raises:
         InputError: the folder holds no safetensors weights.
     """
-    from safetensors import safe_open
-
     index = folder / INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -43,20 +44,56 @@ def list_shards(folder: Path) -> list[Shard]:
         files = [SINGLE]
     else:
         raise InputError(f"{folder}: no {SINGLE} or {INDEX}; merging needs the base model's safetensors weights")
-    shards = []
-    for name in files:
-        with safe_open(folder / name, framework="pt") as f:
-            shards.append(Shard(folder / name, tuple(f.keys())))
-    return shards
+    return [Shard(folder / name, tuple(tensor_infos(folder / name))) for name in files]
 
 
 def tensor_infos(path: Path) -> dict[str, dict]:
     """The header of a safetensors file: {name: {dtype, shape, data_offsets}}, without reading any tensor."""
     with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        return _read_header(f)[0]
+
+
+def _read_header(f) -> tuple[dict, int]:
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
+
+
+class ShardReader:
+    """Tensors of one safetensors file, each read from disk when asked for (no memory map).
+
+    >>> with ShardReader(path) as shard:
+    ...     weight = shard.get("model.norm.weight")
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = path.open("rb")
+        self.infos, self.data_start = _read_header(self.file)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.infos[name]["shape"])
+
+    def dtype(self, name: str):
+        return torch_dtype(self.infos[name]["dtype"])
+
+    def get(self, name: str):
+        """A new CPU tensor holding `name`."""
+        import torch
+
+        begin, end = self.infos[name]["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.data_start + begin)
+        if self.file.readinto(raw.numpy()) != end - begin:
+            raise InputError(f"{self.path}: truncated safetensors file ({name} is cut short)")
+        return raw.view(self.dtype(name)).reshape(self.shape(name))
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 class ShardWriter:
