@@ -1,8 +1,9 @@
 """`finetune merge RUN_DIR`: a LoRA run's adapter folded into its base weights, as a plain transformers folder.
 
-Shard by shard: each safetensors file of the base is opened (memory-mapped) on its own, every tensor it
-holds is merged with its LoRA update and written out before the next is read, so peak memory is about one
-base shard plus the adapter, where peft's `merge_and_unload` holds the whole model. The output keeps the
+Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
+with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
+is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
+model. The output keeps the
 base's sharding, with an index when there is more than one file, plus config.json (dtype set),
 generation_config.json and the run's tokenizer. It is written to `OUT.partial`, checked (see
 `artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
