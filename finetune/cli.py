@@ -83,11 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     compare.add_argument("--out", default="compare.png", help="PNG of the overlaid losses (default compare.png)")
-    export = verb("export", cmd_export, "write a clean, shareable folder of what a run trained", recipe=False)
+    export = verb(
+        "export", cmd_export, "write what a run trained as a clean PEFT folder (adapter) or GGUF (gguf)", recipe=False
+    )
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="what to write")
-    export.add_argument("--out", help="folder to write (default RUN_DIR/export/adapter)")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument(
+        "--out", metavar="PATH", help="where to write to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf)"
+    )
+    export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     gen = verb("generate", cmd_generate, "answer prompts with a trained run or a model folder", recipe=False)
     gen.add_argument("target", metavar="RUN_DIR|MODEL_DIR", help="a run folder, an exported or merged folder")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -140,7 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
     )
+    add_merge_verb(verb)
     return parser
+
+
+def add_merge_verb(verb) -> None:
+    merge = verb(
+        "merge", cmd_merge, "fold a LoRA run's adapter into its base weights: a plain transformers folder", recipe=False
+    )
+    merge.add_argument("run_dir", metavar="RUN_DIR")
+    merge.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/merged)")
+    merge.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weight dtype (default the recipe's model.dtype; auto is float32 on CPU)",
+    )
+    merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip comparing the merged model's logits with the adapter model's",
+    )
+
+
+def cmd_merge(args) -> int:
+    from finetune.artifacts.merge import merge_run
+
+    merge_run(
+        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
+    )
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -357,5 +393,12 @@ def cmd_export_adapter(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from finetune.artifacts.gguf import export_gguf
+
+    export_gguf(args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite)
+    return 0
+
+
 # --format of `finetune export` -> its handler; a new format is one entry here
-EXPORT_FORMATS = {"adapter": cmd_export_adapter}
+EXPORT_FORMATS = {"adapter": cmd_export_adapter, "gguf": cmd_export_gguf}

@@ -108,7 +108,8 @@ CASES = [
          "error: command line: adapter.num_virtual_tokens=8: unknown key; it is a key of adapter.kind: prefix; "
          "this kind takes: kind, r, alpha, dropout, target_modules, modules_to_save, bias, use_rslora, use_dora"),
     Case("unknown-quant-key", validate("quant.bits=4", "quant.kind=nf4"), 2,
-         "error: command line: quant.kind=nf4: unknown key; valid keys: bits, type, double_quant, compute_dtype, storage_dtype"),
+         "error: command line: quant.kind=nf4: unknown key; "
+         "valid keys: bits, type, double_quant, compute_dtype, storage_dtype"),
     Case("unknown-goat-key", validate("data.path=null", "data.format=goat", "data.goat.digits=3"), 2,
          "error: command line: data.goat.digits=3: unknown key; did you mean 'add_sub_digits'?"),
     Case("unknown-source-key", validate("data.path=null", "data.sources=[{path: rows_empty.json, wieght: 2}]"), 2,

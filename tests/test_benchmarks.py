@@ -59,3 +59,14 @@ def test_plan_accuracy_quick_compares_prediction_with_tensors(tmp_path):
     assert {row[1].strip() for row in rows} == {"lora", "full", "qlora nf4"}
     assert all(abs(float(row[4]) - 1) < 0.02 for row in rows)
     assert "## plan_accuracy" in results.read_text()
+
+
+def test_merge_memory_quick_measures_both_merges(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("merge_memory.py", results)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"baseline", "finetune merge --no-verify", "peft merge_and_unload"}
+    assert all(float(rows[name][0]) > 0 and float(rows[name][-1]) > 0 for name in rows if name != "process")
+    difference = out.split("the two merges' weights differ by at most ")[1].split()[0]
+    assert float(difference) < 1e-5  # both merges wrote the same weights
+    assert "## merge_memory (" in results.read_text()

@@ -1,0 +1,1 @@
+"""What a finished run becomes: a merged transformers folder, a GGUF file."""

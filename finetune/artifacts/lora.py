@@ -1,0 +1,139 @@
+"""A saved LoRA adapter, read as the updates it makes to named base tensors, and applied one tensor at a time.
+
+Matches peft's own merge (`peft/tuners/lora/layer.py` `get_delta_weight`, `variants.py` DoRA `merge_safe`):
+  LoRA     W' = W + scaling * B @ A              scaling = alpha / r (alpha / sqrt(r) with rsLoRA)
+  DoRA     W' = m / ||W + scaling * B @ A||_row * (W + scaling * B @ A)   (norm over the input dimension)
+  bias     b' = b + scaling * lora_B.bias        (lora_bias)
+Embedding LoRA stores A as [r, vocab] and B as [dim, r]: the delta is (B @ A).T. Every other tensor in the
+adapter (modules_to_save, trained biases, saved embeddings) replaces the base tensor of the same name.
+The arithmetic runs in float32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import InputError
+
+PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# peft LoraConfig settings whose effect this merge does not reproduce: refused rather than merged wrongly
+UNSUPPORTED = ("fan_in_fan_out", "use_qalora", "layer_replication", "trainable_token_indices", "target_parameters")
+
+
+@dataclass
+class LowRank:
+    """The LoRA update of one base tensor (`{module}.weight`)."""
+
+    a: object  # [r, in] (embeddings: [r, vocab])
+    b: object  # [out, r] (embeddings: [dim, r])
+    scaling: float
+    embedding: bool = False
+    magnitude: object = None  # DoRA's m, one value per output row (embeddings: per dimension)
+    bias: object = None  # lora_B.bias (lora_bias: true)
+
+    def delta(self):
+        """scaling * B @ A in float32, in the base tensor's [out, in] layout."""
+        product = self.b.float() @ self.a.float()
+        return (product.T if self.embedding else product) * self.scaling
+
+
+@dataclass
+class Adapter:
+    """What a LoRA adapter does to the base checkpoint, keyed by base tensor name."""
+
+    low_rank: dict[str, LowRank] = field(default_factory=dict)
+    replaced: dict[str, object] = field(default_factory=dict)  # full tensors that take the base's place
+
+    @property
+    def targets(self) -> set[str]:
+        biases = {_bias_name(name) for name, update in self.low_rank.items() if update.bias is not None}
+        return set(self.low_rank) | set(self.replaced) | biases
+
+    def apply(self, name: str, tensor):
+        """The merged value of base tensor `name` (float32 when changed, the input as is otherwise)."""
+        if name in self.replaced:
+            return self.replaced[name].float()
+        if name in self.low_rank:
+            return _merge_weight(tensor.float(), self.low_rank[name])
+        weight = name.removesuffix(".bias") + ".weight"
+        if name.endswith(".bias") and weight in self.low_rank and self.low_rank[weight].bias is not None:
+            update = self.low_rank[weight]
+            return tensor.float() + update.bias.float() * update.scaling
+        return tensor
+
+
+def _merge_weight(weight, update: LowRank):
+    merged = weight + update.delta()
+    if update.magnitude is None:
+        return merged
+    magnitude = update.magnitude.float()
+    if update.embedding:  # peft: the norm of the transposed weight, one per embedding dimension
+        return merged * (magnitude / merged.norm(dim=0)).view(1, -1)
+    return merged * (magnitude / merged.norm(dim=1)).view(-1, 1)
+
+
+def _bias_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight") + ".bias"
+
+
+def read_adapter(folder: Path, *, device: str = "cpu") -> Adapter:
+    """Read `adapter_config.json` and `adapter_model.safetensors` of a LoRA adapter folder onto `device`.
+
+    Raises:
+        InputError: not a LoRA adapter, or one using settings this merge cannot reproduce.
+    """
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise InputError(f"{folder}: a {config.get('peft_type')} adapter has no weights to merge; only LoRA has")
+    used = [key for key in UNSUPPORTED if config.get(key)]
+    if used:
+        raise InputError(f"{folder}/adapter_config.json: cannot merge an adapter with {', '.join(used)} set")
+    tensors = load_file(folder / ADAPTER_WEIGHTS, device=device)
+    adapter = Adapter()
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        module, part = _split(name)
+        if part is None:
+            adapter.replaced[name.replace(".base_layer.", ".")] = tensor
+            continue
+        update = adapter.low_rank.setdefault(module + ".weight", LowRank(None, None, 0.0))
+        setattr(update, part, tensor)
+        update.embedding = update.embedding or key.endswith(("lora_embedding_A", "lora_embedding_B"))
+    for weight_name, update in adapter.low_rank.items():
+        if update.a is None or update.b is None:
+            raise InputError(f"{folder}/{ADAPTER_WEIGHTS}: {weight_name} has only half of its LoRA pair")
+        update.scaling = _scaling(config, weight_name.removesuffix(".weight"), rank=update.a.shape[0])
+    return adapter
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    """(module, which LoRA part) of an adapter tensor name; part None for a full tensor."""
+    parts = {
+        ".lora_A.weight": "a",
+        ".lora_B.weight": "b",
+        ".lora_B.bias": "bias",
+        ".lora_embedding_A": "a",
+        ".lora_embedding_B": "b",
+        ".lora_magnitude_vector": "magnitude",
+    }
+    for suffix, part in parts.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), part
+    return name, None
+
+
+def _scaling(config: dict, module: str, *, rank: int) -> float:
+    """alpha / r (or alpha / sqrt(r)), with peft's per-module rank_pattern / alpha_pattern overrides."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = config["lora_alpha"]
+    if config.get("alpha_pattern"):
+        key = get_pattern_key(config["alpha_pattern"].keys(), module)
+        alpha = config["alpha_pattern"].get(key, alpha)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

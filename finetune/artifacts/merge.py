@@ -1,0 +1,240 @@
+"""`finetune merge RUN_DIR`: a LoRA run's adapter folded into its base weights, as a plain transformers folder.
+
+Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
+with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
+is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
+model. The output keeps the
+base's sharding, with an index when there is more than one file, plus config.json (dtype set),
+generation_config.json and the run's tokenizer. It is written to `OUT.partial`, checked (see
+`artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import InputError
+from finetune.recipe.schema import Recipe
+
+Echo = Callable[[str], None]
+TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    dtype: str
+    shards: int
+    max_diff: float | None  # merged vs adapter logits; None with verify off
+    tolerance: float | None
+
+
+def merge_run(
+    run_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    verify: bool = True,
+    echo: Echo = print,
+) -> MergeResult:
+    """Merge a LoRA (or QLoRA) run's adapter into its base model and write the result to `out`.
+
+    Args:
+        run_path: the run folder; its recipe.yaml names the base, its adapter/ holds the adapter.
+        out: folder to write (default RUN_DIR/merged).
+        dtype: bfloat16, float16 or float32; default the recipe's model.dtype resolved for `device`.
+        device: where the merge arithmetic (and the check) runs: cpu or cuda.
+        overwrite: replace a non-empty `out`.
+        verify: compare the merged model's logits with the adapter model's before keeping the result.
+
+    Raises:
+        InputError: not a LoRA run, no adapter, `out` not empty, base weights not found.
+        FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
+    """
+    from finetune.eval.generate import read_run_recipe
+    from finetune.train.run_dir import RunDir
+
+    run_dir = RunDir(Path(run_path))
+    recipe = read_run_recipe(run_dir.path)
+    check_mergeable(run_dir, recipe)
+    target = Path(out) if out is not None else run_dir.path / "merged"
+    claim_output(target, overwrite)
+    dtype_name = dtype or output_dtype_name(recipe, device)
+    if recipe.quant is not None:
+        echo(
+            f"note: this run trained on a {recipe.quant.bits}-bit quantized base; the adapter is merged into the "
+            "16-bit base weights, so the merged model's outputs differ slightly from the quantized model it "
+            "trained with"
+        )
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        base = base_folder(recipe)
+        shards = write_merged(run_dir.adapter, base, partial, dtype_name, device, echo)
+        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
+        max_diff = tolerance = None
+        if verify:
+            from finetune.artifacts.verify import check_merged
+
+            max_diff, tolerance = check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
+        install(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    echo(f"merged model ({dtype_name}, {shards} shard{'s' if shards > 1 else ''}) written to {target}")
+    return MergeResult(target, dtype_name, shards, max_diff, tolerance)
+
+
+def check_mergeable(run_dir, recipe: Recipe) -> None:
+    """Only LoRA runs have low-rank updates to fold into the base.
+
+    Raises:
+        InputError: a full fine-tuning, prefix or prompt tuning run, or a run with no adapter/.
+    """
+    kind = recipe.adapter.kind
+    if kind == "none":
+        raise InputError(
+            f"{run_dir.path}: a full fine-tuning run has nothing to merge; {run_dir.model} is already a whole "
+            "model that AutoModelForCausalLM.from_pretrained loads"
+        )
+    if kind in ("prefix", "prompt"):
+        raise InputError(
+            f"{run_dir.path}: {kind} tuning cannot be merged: it adds virtual tokens, not changes to base weights; "
+            f"`finetune export {run_dir.path} --format adapter` writes the adapter for use with peft"
+        )
+    if not (run_dir.adapter / "adapter_config.json").is_file():
+        raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
+
+
+def claim_output(target: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless asked to replace it (checked before any work)."""
+    if target.exists() and not target.is_dir():
+        raise InputError(f"--out: {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise InputError(f"--out: {target} is not empty; pass --overwrite to replace it")
+
+
+def output_dtype_name(recipe: Recipe, device: str) -> str:
+    """The recipe's model.dtype, `auto` resolved as training resolves it on `device`."""
+    from finetune.model.load import resolve_dtype
+
+    return str(resolve_dtype(recipe.model.dtype, device)).removeprefix("torch.")
+
+
+def base_folder(recipe: Recipe) -> Path:
+    """The local folder of the base model: the recipe's folder, or the hub snapshot (downloaded if missing)."""
+    from finetune.recipe.checks import looks_local
+
+    name = recipe.model.name_or_path
+    if looks_local(name):
+        return Path(name).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model"]
+    return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=patterns))
+
+
+def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo) -> int:
+    """Stream every base shard through the adapter into `out`; returns the number of shards written.
+
+    Raises:
+        InputError: the adapter changes a tensor the base checkpoint does not have.
+    """
+    import torch
+
+    from finetune.artifacts.lora import read_adapter
+    from finetune.artifacts.shards import (
+        ShardReader,
+        ShardWriter,
+        list_shards,
+        safetensors_dtype,
+        shard_names,
+        write_index,
+    )
+
+    adapter = read_adapter(adapter_dir, device=device)
+    shards = list_shards(base)
+    missing = adapter.targets - {name for shard in shards for name in shard.names}
+    if missing:
+        raise InputError(f"{adapter_dir}: the base in {base} has no tensor {sorted(missing)[0]}; is it the right base?")
+    dtype = getattr(torch, dtype_name)
+    weight_map, total = {}, 0
+    for shard, name in zip(shards, shard_names(len(shards)), strict=True):
+        with ShardReader(shard.path) as reader:
+            layout = {key: _merged_layout(adapter, reader, key, dtype) for key in shard.names}
+            with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
+                for key in shard.names:
+                    tensor = adapter.apply(key, reader.get(key).to(device))
+                    writer.write(key, tensor.to(layout[key][1]))
+                    del tensor  # before the next tensor is read
+            total += writer.total_size
+        weight_map |= dict.fromkeys(shard.names, name)
+        echo(f"merged {shard.path.name} -> {name}")
+    write_index(out, weight_map, total)
+    return len(shards)
+
+
+def _merged_layout(adapter, reader, key: str, dtype) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of a merged tensor: a replaced tensor may have a new shape (embeddings resized for added
+    tokens); floating tensors take the output dtype, integer buffers keep theirs."""
+    shape = tuple(adapter.replaced[key].shape) if key in adapter.replaced else reader.shape(key)
+    stored = reader.dtype(key)
+    return shape, dtype if stored.is_floating_point else stored
+
+
+def write_tokenizer_and_config(recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str) -> None:
+    """config.json (dtype, pad token, vocabulary size as merged), generation config, the run's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from finetune.artifacts.shards import list_shards
+    from finetune.model.load import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer.save_pretrained(out)
+    tokenizer_source = Path(resolve_source(recipe.model.tokenizer or recipe.model.name_or_path))
+    for name in TOKENIZER_FILES:
+        for folder in (adapter_dir, tokenizer_source, base):
+            if (folder / name).is_file():
+                shutil.copy(folder / name, out / name)
+                break
+    config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
+    config.dtype = dtype_name
+    config.pad_token_id = tokenizer.pad_token_id
+    embeddings = _embedding_rows(list_shards(out))
+    if embeddings is not None and getattr(config, "vocab_size", embeddings) != embeddings:
+        config.vocab_size = embeddings
+    config.save_pretrained(out)
+    try:
+        generation = GenerationConfig.from_pretrained(base)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
+
+
+def _embedding_rows(shards) -> int | None:
+    from finetune.artifacts.shards import tensor_infos
+
+    for shard in shards:
+        for name, info in tensor_infos(shard.path).items():
+            if name.endswith("embed_tokens.weight"):
+                return info["shape"][0]
+    return None
+
+
+def install(partial: Path, target: Path) -> None:
+    """Put the finished folder in place; a previous `target` (with --overwrite) is removed only now."""
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        partial.rename(target)
+        shutil.rmtree(old)
+    else:
+        partial.rename(target)

@@ -1,0 +1,146 @@
+"""finetune merge: shard-by-shard LoRA merges equal the adapter model, for every LoRA variant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune.artifacts.merge import merge_run
+from finetune.cli import main
+from finetune.pipeline import run
+from finetune.recipe.load import load_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def train(write_recipe, **sections):
+    """Train a few steps at a high learning rate, so LoRA's B (zero at init) moves well away from zero."""
+    sections["train"] = {"lr": 2e-2, "max_steps": 3, **sections.get("train", {})}
+    return run(load_recipe(write_recipe(**sections)), echo=lambda _: None).path
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def adapter_and_base_logits(run_dir, base_dir, ids):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base_logits = logits(base, ids)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    return logits(model, ids), base_logits
+
+
+def prompt_ids(run_dir):
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    text = "Below is an instruction that describes a task.\n\n### Instruction:\nName three colors.\n\n### Response:\n"
+    return torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]])
+
+
+def assert_merged_equals_adapter(run_dir, base_dir, merged_dir):
+    ids = prompt_ids(run_dir)
+    merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir), ids)
+    adapter, base = adapter_and_base_logits(run_dir, base_dir, ids)
+    assert torch.allclose(merged, adapter, atol=1e-4, rtol=0), (merged - adapter).abs().max()
+    assert (merged - base).abs().max() > 1e-2  # the adapter changed the model, and the merge kept that
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"use_dora": True},
+        {"use_rslora": True, "modules_to_save": ["lm_head"]},
+    ],
+    ids=["dora", "rslora+modules_to_save"],
+)
+def test_merge_equals_adapter(write_recipe, tiny_model_dir, adapter, capsys):
+    run_dir = train(write_recipe, adapter={"target_modules": "all-linear", **adapter})
+    result = merge_run(run_dir)
+    assert result.path == run_dir / "merged" and result.dtype == "float32"
+    assert result.max_diff <= result.tolerance
+    assert_merged_equals_adapter(run_dir, tiny_model_dir, run_dir / "merged")
+    assert "max |merged - adapter| logit difference" in capsys.readouterr().out
+    assert not (run_dir / "merged.partial").exists()
+
+
+def test_qlora_merges_into_the_16bit_base(write_recipe, tiny_model_dir, capsys):
+    run_dir = train(write_recipe, quant={"bits": 4, "type": "nf4"})
+    assert main(["merge", str(run_dir), "--out", str(run_dir / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "trained on a 4-bit quantized base" in out and "16-bit base weights" in out
+    config = json.loads((run_dir / "m" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert_merged_equals_adapter(run_dir, tiny_model_dir, run_dir / "m")
+
+
+def test_sharded_base_gives_sharded_merge(write_recipe, tiny_model_dir, tmp_path):
+    base = tmp_path / "sharded-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(base, max_shard_size="60KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(tiny_model_dir / name, base / name)
+    assert len(list(base.glob("model-*.safetensors"))) > 2
+    run_dir = train(write_recipe, model={"name_or_path": str(base)}, adapter={"target_modules": ["q_proj", "v_proj"]})
+    assert main(["merge", str(run_dir)]) == 0
+
+    merged = run_dir / "merged"
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == sorted(p.name for p in merged.glob("model-*.safetensors")) and len(files) > 2
+    base_index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(base_index["weight_map"])
+    data_bytes = sum((merged / f).stat().st_size - _header_bytes(merged / f) for f in files)
+    assert index["metadata"]["total_size"] == data_bytes
+    assert (merged / "tokenizer.model").is_file()
+    assert_merged_equals_adapter(run_dir, base, merged)
+
+    assert main(["merge", str(run_dir), "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")  # dtype from config.json
+    assert model.dtype == torch.bfloat16
+    ids = prompt_ids(run_dir)
+    adapter, _ = adapter_and_base_logits(run_dir, base, ids)
+    assert (logits(model, ids).float() - adapter).abs().max() < 0.05 * adapter.abs().max()
+
+
+def _header_bytes(path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_merge_refuses_prefix_full_and_a_non_empty_out(write_recipe, tmp_path, capsys):
+    for kind, expected in (("prefix", "prefix tuning cannot be merged"), ("none", "nothing to merge")):
+        run_dir = tmp_path / kind
+        run_dir.mkdir()
+        shutil.copy(write_recipe(adapter={"kind": kind}), run_dir / "recipe.yaml")
+        assert main(["merge", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err
+        if kind == "prefix":
+            assert f"finetune export {run_dir} --format adapter" in err
+        assert sorted(p.name for p in run_dir.iterdir()) == ["recipe.yaml"]
+    run_dir = tmp_path / "lora"
+    run_dir.mkdir()
+    shutil.copy(write_recipe(), run_dir / "recipe.yaml")
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "merged").mkdir()
+    (run_dir / "merged" / "keep.txt").write_text("mine")
+    assert main(["merge", str(run_dir)]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in (run_dir / "merged").iterdir()] == ["keep.txt"]
+
+
+def test_a_failed_check_exits_1_and_writes_nothing(write_recipe, capsys):
+    # an adapter config that no longer matches its weights: peft now skips q_proj's LoRA pair, the merge does not
+    run_dir = train(write_recipe, adapter={"target_modules": ["q_proj", "v_proj"]})
+    config_path = run_dir / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"exclude_modules": ["q_proj"]}))
+    assert main(["merge", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "nothing was written" in err
+    assert not (run_dir / "merged").exists() and not (run_dir / "merged.partial").exists()
