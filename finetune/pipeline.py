@@ -36,7 +36,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
-    from finetune.train.checkpoints import StopOnSignalCallback, estimate_checkpoint_bytes
+    from finetune.train.checkpoints import estimate_checkpoint_bytes
     from finetune.train.resume import check_same_data, find_resume_point
     from finetune.train.run_dir import RunDir
     from finetune.train.trainer import build_trainer, mixed_precision
@@ -70,6 +70,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     run_dir.check_free_space(3 * estimate_checkpoint_bytes(model))
 
     open_run_folder(run_dir, recipe, data, device, checkpoints, echo)
+    from finetune.train.callbacks import StopOnSignalCallback
+
     stop = StopOnSignalCallback()
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
     train(trainer, run_dir, checkpoints, stop, started)
