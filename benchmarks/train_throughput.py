@@ -10,8 +10,9 @@ same model, data, LoRA settings and number of steps:
 plus finetune's other batching modes and its QLoRA and full fine-tuning, each in its own process.
 Every setup trains the same 108 rows in batches of the same size for the same steps (by default 3 whole
 epochs of 14 batches), so all see the same samples; the eval loss after the last step (prompt masked, on
-the same held-out rows) shows whether speed cost quality. The ratio line divides finetune's real tokens/s by each baseline's, from one run
-of this script (the machine is noisy: compare within a run, not across runs).
+the same held-out rows) shows whether speed cost quality. The ratio line divides finetune's real tokens/s
+by each baseline's, from one run of this script (the machine is noisy: compare within a run, not across
+runs).
 
     python benchmarks/train_throughput.py            # 42 steps per setup, 2 rounds (best of 2)
     python benchmarks/train_throughput.py --quick    # 3 steps, one round, the three main setups

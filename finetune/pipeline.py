@@ -36,7 +36,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
-    from finetune.train.checkpoints import StopOnSignalCallback, estimate_checkpoint_bytes
+    from finetune.train.callbacks import StopOnSignalCallback
+    from finetune.train.checkpoints import estimate_checkpoint_bytes
     from finetune.train.launch import check_trainer_distribution
     from finetune.train.resume import check_same_data, find_resume_point
     from finetune.train.run_dir import RunDir, is_main_process

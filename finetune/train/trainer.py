@@ -114,7 +114,7 @@ def build_trainer(
     and `callbacks`."""
     from trl import SFTTrainer
 
-    from finetune.train.checkpoints import CompleteCheckpointCallback
+    from finetune.train.callbacks import CompleteCheckpointCallback
     from finetune.train.metrics import MetricsFileCallback
 
     callbacks = [MetricsFileCallback(run.metrics), CompleteCheckpointCallback(run.checkpoints), *callbacks]
