@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="what to write")
     export.add_argument(
-        "--out", metavar="PATH", help="where to write to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf)"
+        "--out", metavar="PATH", help="where to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf)"
     )
     export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
