@@ -64,10 +64,13 @@ def load_folder(folder: Path, recipe: Recipe | None, *, device: str):
     if adapter_config.is_file():
         from peft import PeftModel
 
-        # the saved base is absolute (or a hub id), so it loads from any directory; the recipe says how
-        saved_base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        base = recipe.model if recipe is not None else ModelSpec(name_or_path=saved_base)
-        base = base.model_copy(update={"name_or_path": saved_base})
+        # The run's resolved recipe names the base (its paths are absolute) and says how to load it; an
+        # adapter folder without a recipe names its base in adapter_config.json.
+        if recipe is not None:
+            base = recipe.model
+        else:
+            saved_base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            base = ModelSpec(name_or_path=saved_base)
         quant = recipe.quant if recipe is not None else None
         base_model = load_model(base, quant, device=device, tokenizer=tokenizer)
         try:
@@ -75,7 +78,14 @@ def load_folder(folder: Path, recipe: Recipe | None, *, device: str):
         except RuntimeError as e:  # tensors of another shape: the base is not the one trained on
             first = str(e).strip().splitlines()
             detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-            raise InputError(f"{folder}: the adapter does not fit the base model {saved_base}: {detail}") from None
+            raise InputError(
+                f"{folder}: the adapter does not fit the base model {base.name_or_path}: {detail}"
+            ) from None
+    else:
+        spec = ModelSpec(name_or_path=str(folder))
+        if recipe is not None:  # the run's dtype and attention, the folder's weights
+            spec = recipe.model.model_copy(update={"name_or_path": str(folder), "tokenizer": None, "revision": None})
+        model = load_model(spec, None, device=device, tokenizer=tokenizer)
     model.eval()
     return model, tokenizer
 
