@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from finetune.artifacts.merge import install
 from finetune.errors import FinetuneError, InputError
 from finetune.recipe.schema import ModelSpec, Recipe
 
@@ -145,12 +146,5 @@ def write_folder(target: Path, fill: Callable[[Path], list[str]]) -> list[str]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if target.exists():
-        previous = target.with_name(f".{target.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        target.rename(previous)
-        partial.rename(target)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(target)
+    install(partial, target)
     return files
