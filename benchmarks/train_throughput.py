@@ -119,6 +119,24 @@ def baseline_figures(trainer, counter: CountingCollator) -> dict:
     return {**figures, "eval_loss": trainer.evaluate()["eval_loss"]}
 
 
+def baseline_arguments(steps: int, out: Path) -> dict:
+    """The training arguments both baselines share with each other and with finetune's setup."""
+    return {
+        "output_dir": str(out),
+        "max_steps": steps,
+        "per_device_train_batch_size": MICRO_BATCH,
+        "per_device_eval_batch_size": MICRO_BATCH,
+        "learning_rate": LR,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "use_cpu": True,
+        "seed": SEED,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+
+
 def run_trl(steps: int, out: Path) -> dict:
     """What a TRL user writes: prompt/completion rows, a LoraConfig, SFTConfig defaults (fp32 on CPU)."""
     from datasets import Dataset
@@ -140,21 +158,10 @@ def run_trl(steps: int, out: Path) -> dict:
 
     train, held_out = split_rows()
     args = SFTConfig(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=MICRO_BATCH,
-        per_device_eval_batch_size=MICRO_BATCH,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
+        **baseline_arguments(steps, out),
         max_length=MAX_LEN,
         bf16=False,  # TRL's default bf16 fails on CPU
         gradient_checkpointing=False,  # TRL's default is on; off as in the other setups, to compare batching
-        use_cpu=True,
-        seed=SEED,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
     )
     lora = LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear"
@@ -212,20 +219,7 @@ def run_alpaca_lora(steps: int, out: Path) -> dict:
         }
 
     train, held_out = split_rows()
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=MICRO_BATCH,
-        per_device_eval_batch_size=MICRO_BATCH,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        use_cpu=True,
-        seed=SEED,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = TrainingArguments(**baseline_arguments(steps, out))
     collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     counter = CountingCollator(collate)
     trainer = Trainer(
