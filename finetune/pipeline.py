@@ -87,7 +87,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
         guard_writes(
             lambda: save_artifact(model, tokenizer, artifact, state_dict=state_dict),
             run_dir,
-            trainer.state,
+            trainer,
             started,
             saving=artifact,
         )
@@ -132,7 +132,7 @@ def train(trainer, run_dir, checkpoints, stop, started: float) -> None:
     stop.install()
     try:
         # with eval data, the Trainer also evaluates (and saves) after the last step
-        guard_writes(lambda: trainer.train(resume_from_checkpoint=resume_from), run_dir, trainer.state, started)
+        guard_writes(lambda: trainer.train(resume_from_checkpoint=resume_from), run_dir, trainer, started)
     except FinetuneError:
         raise  # guard_writes has written the summary
     except BaseException as error:
@@ -150,8 +150,10 @@ def train(trainer, run_dir, checkpoints, stop, started: float) -> None:
         )
 
 
-def guard_writes(write: Callable[[], object], run_dir, state, started: float, *, saving: Path | None = None):
+def guard_writes(write: Callable[[], object], run_dir, trainer, started: float, *, saving: Path | None = None):
     """Run `write`; a failure to write the run folder becomes one message naming what failed and what is intact.
+
+    `trainer.state` is read after the failure: `Trainer.train()` replaces the state object it started with.
 
     A failure counts as a write failure when it is an OSError, or any error while saving the folder `saving`
     or while the current step's checkpoint is on disk but not complete: torch.save reports a full disk as a
@@ -169,6 +171,7 @@ def guard_writes(write: Callable[[], object], run_dir, state, started: float, *,
     try:
         return write()
     except Exception as error:
+        state = trainer.state
         checkpoint = run_dir.checkpoints / f"checkpoint-{state.global_step}"
         if not isinstance(error, OSError) and not saving and not (checkpoint.is_dir() and not is_complete(checkpoint)):
             raise

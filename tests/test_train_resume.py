@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -58,12 +59,18 @@ def reference(tiny_model_dir, tmp_path_factory) -> Path:
     return folder / "run"
 
 
-def start(recipe: Path, *args: str, **env) -> subprocess.Popen:
-    """`finetune run RECIPE ARGS` in a child process."""
+def start(recipe: Path, *args: str, max_file_bytes: int | None = None, **env) -> subprocess.Popen:
+    """`finetune run RECIPE ARGS` in a child process; `max_file_bytes` makes larger writes fail as on a full disk."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.Popen(
         [sys.executable, "-m", "finetune", "run", str(recipe), *args],
         cwd=REPO,
         env={**os.environ, **env},
+        preexec_fn=limit_file_size if max_file_bytes else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -157,6 +164,32 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     assert "Traceback" not in err
     assert (run / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
     assert max(logged_steps(run)) == step
+
+    assert main(["run", str(run), "--resume"]) == 0
+    assert_same_result(run, reference)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, reference):
+    run = tmp_path / "run"
+    process = start(recipe_for(tiny_model_dir, tmp_path, run))
+    wait_for(lambda: (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file(), process)
+    process.kill()
+    process.wait()
+
+    # resumed where no file may grow past 100 kB: checkpoint-6's optimizer state (~150 kB) cannot be written
+    process = start(run, "--resume", "data.cache=false", max_file_bytes=100_000)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        rf"error: writing {re.escape(str(run / 'checkpoints' / 'checkpoint-6'))} failed at step 6 \(\w+: "
+        r".+\); \d+ MiB free there; the newest complete checkpoint, checkpoint-3, is intact; once "
+        rf"there is room, resume with: finetune run {re.escape(str(run))} --resume",
+        err[err.rindex("error: ") :].splitlines()[0],  # the progress bar leaves no newline before it
+    ), err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 6
+    assert not (run / "checkpoints" / "checkpoint-6" / COMPLETE_MARKER).exists()
+    assert (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file()
 
     assert main(["run", str(run), "--resume"]) == 0
     assert_same_result(run, reference)
