@@ -162,6 +162,8 @@ CASES = [
     Case("output-dir-root", validate("output.dir=/"), 2,
          "error: command line: output.dir=/: must not be /: a run folder is emptied by --overwrite; choose a folder "
          "of its own, e.g. runs/NAME"),
+    Case("output-dir-under-a-file", ("run", GOOD, f"output.dir={TINY}/config.json/run"), 2,
+         f"error: output.dir: {TINY}/config.json/run cannot be written ({TINY}/config.json: Not a directory)"),
     Case("bf16-on-cpu", run_over("train.precision=bf16"), 2,
          "error: train.precision: bf16 needs a GPU; this run is on CPU (use auto or fp32)"),
     Case("4-bit-on-cpu-odd-sizes", run_over("model.name_or_path=model_odd_sizes", f"model.tokenizer={TINY}",

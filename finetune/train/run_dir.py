@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,6 +55,18 @@ def is_main_process() -> bool:
     Every process of a launch builds the same data and trains; the others write nothing here.
     """
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None. Tried for real (a folder made and removed at once):
+    permission bits do not stop root, and a read-only or pseudo file system only says so when written."""
+    if not os.access(folder, os.W_OK):
+        return "not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-probe-", dir=folder))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,8 +105,9 @@ class RunDir:
                 f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
             )
         nearest = next(p for p in [run.path, *run.path.absolute().parents] if p.exists())
-        if not os.access(nearest, os.W_OK):
-            raise InputError(f"output.dir: {run.path} cannot be written ({nearest} is not writable)")
+        problem = write_problem(nearest)
+        if problem:
+            raise InputError(f"output.dir: {run.path} cannot be written ({nearest}: {problem})")
         return run
 
     def create(self) -> list[str]:
