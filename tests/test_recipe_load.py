@@ -176,6 +176,10 @@ FORBIDDEN = {
         {"adapter": {"use_dora": True}, "quant": {"bits": 8}},
         "adapter.use_dora: DoRA is not supported on an 8-bit base by peft",
     ),
+    "prompt-tuning-packed": (
+        {"adapter": {"kind": "prompt"}, "data": {"packing": "padding_free"}},
+        "data.packing: adapter.kind: prompt cannot train packed rows",
+    ),
     "min-lr-on-constant-schedule": (
         {"train": {"lr_scheduler": "constant", "min_lr": 1e-6}},
         "train.min_lr: applies to linear and cosine schedules, not constant",
@@ -202,6 +206,14 @@ def test_forbidden_combinations_are_validation_errors(case, write_recipe):
 def test_prefix_without_checkpointing_key_resolves_to_off(write_recipe):
     assert load_recipe(write_recipe(adapter={"kind": "prefix"})).gradient_checkpointing is False
     assert load_recipe(write_recipe(train={"gradient_checkpointing": None})).gradient_checkpointing is True
+
+
+def test_packing_left_out_is_padding_free_except_for_virtual_token_adapters(write_recipe):
+    assert load_recipe(write_recipe()).packing == "padding_free"
+    assert load_recipe(write_recipe(adapter={"kind": "none"})).packing == "padding_free"
+    assert load_recipe(write_recipe(adapter={"kind": "prefix"})).packing == "none"
+    assert load_recipe(write_recipe(adapter={"kind": "prompt"})).packing == "none"
+    assert load_recipe(write_recipe(data={"packing": "none"})).packing == "none"
 
 
 def test_keys_of_another_adapter_kind_are_named_as_such(write_recipe):

@@ -67,6 +67,15 @@ def ensure_pad_token(tokenizer) -> None:
     tokenizer.padding_side = "right"
 
 
+def attention_implementation(spec: ModelSpec) -> str:
+    """The name transformers loads the model's attention by: sdpa is sdpa run per sample on packed rows."""
+    if spec.attn_implementation != "sdpa":
+        return spec.attn_implementation
+    from finetune.model.attention import register_packed_sdpa
+
+    return register_packed_sdpa()
+
+
 def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokenizer=None):
     """The base causal LM, in the recipe's dtype, quantized when `quant` is set.
 
@@ -91,7 +100,7 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
     kwargs = dict(
         revision=spec.revision,
         dtype=dtype,
-        attn_implementation=spec.attn_implementation,
+        attn_implementation=attention_implementation(spec),
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=None if spec.allow_pickle_weights else True,
     )

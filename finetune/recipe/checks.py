@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.recipe.paths import LOCAL_DATA_SUFFIXES, looks_local
-from finetune.recipe.schema import Recipe
+from finetune.recipe.schema import VIRTUAL_TOKEN_ADAPTERS, Recipe
 
 __all__ = ["KeyProblem", "check_paths", "cross_check", "looks_local"]
 
@@ -94,6 +94,15 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 ("quant", "bits"),
                 "adapter.kind: none (full fine-tuning) cannot train quantized weights",
                 "remove the quant section, or train an adapter (adapter.kind: lora is QLoRA)",
+            )
+        )
+    if adapter.kind in VIRTUAL_TOKEN_ADAPTERS and recipe.data.packing not in (None, "none"):
+        problems.append(
+            KeyProblem(
+                ("data", "packing"),
+                f"adapter.kind: {adapter.kind} cannot train packed rows: its virtual tokens are prepended once "
+                "per row, so every sample after the first would train without them",
+                "set data.packing: none (or leave it out; it is then none for prefix and prompt tuning)",
             )
         )
     if adapter.kind == "prefix" and train.gradient_checkpointing:

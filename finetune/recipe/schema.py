@@ -123,6 +123,11 @@ ADAPTER_SPECS: dict[str, type[Section]] = {
 }
 
 
+# Their virtual tokens are prepended once per row, so packing several samples into a row would leave all
+# but the first without them.
+VIRTUAL_TOKEN_ADAPTERS = ("prefix", "prompt")
+
+
 def _adapter_kind(value) -> str | None:
     if isinstance(value, dict):
         return value.get("kind", "lora")  # LoRA when the kind is left out
@@ -237,12 +242,13 @@ class DataSpec(Section):
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (quick trials).")
     max_seq_len: int = Field(512, gt=1, description="Longest sample in tokens, prompt + response + EOS.")
-    packing: Literal["none", "bfd", "padding_free"] = Field(
-        "none",
+    packing: Literal["none", "bfd", "padding_free"] | None = Field(
+        None,
         description="How samples share a forward pass. none: padded batches. padding_free: each micro-batch is "
         "concatenated into one row with per-sample position ids, no padding. bfd: samples are first packed "
         "best-fit-decreasing into rows of max_seq_len tokens, then run padding-free. Samples never attend to "
-        "each other in either mode.",
+        "each other in either mode. null: padding_free, except for prefix and prompt tuning (none), whose "
+        "virtual tokens belong to a row, not to each sample in it.",
     )
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on prompt tokens. Off: only the response and EOS are learned."
@@ -370,3 +376,10 @@ class Recipe(Section):
         if self.train.gradient_checkpointing is not None:
             return self.train.gradient_checkpointing
         return self.adapter.kind != "prefix"
+
+    @property
+    def packing(self) -> str:
+        """data.packing, with null resolved: padding_free, except for prefix and prompt tuning."""
+        if self.data.packing is not None:
+            return self.data.packing
+        return "none" if self.adapter.kind in VIRTUAL_TOKEN_ADAPTERS else "padding_free"

@@ -87,13 +87,13 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         report_to="none",  # metrics.jsonl and TensorBoard are attached as callbacks, into the run folder
         # Our samples are tokenized, masked and truncated already; TRL turns completion_mask into labels.
         # max_length is only the row length of bfd packing; otherwise TRL would re-truncate for nothing.
-        max_length=recipe.data.max_seq_len if recipe.data.packing == "bfd" else None,
+        max_length=recipe.data.max_seq_len if recipe.packing == "bfd" else None,
         completion_only_loss=True,
-        # Both packed modes rely on position ids restarting at 0 for each sample: sdpa and eager attention
-        # then keep samples apart (verified per sample in tests/test_train_packing.py).
-        packing=recipe.data.packing == "bfd",
+        # Both packed modes rely on position ids restarting at 0 for each sample: every attention keeps
+        # samples apart by them (verified per sample in tests/test_train_packing.py).
+        packing=recipe.packing == "bfd",
         packing_strategy="bfd",
-        padding_free=recipe.data.packing == "padding_free",
+        padding_free=recipe.packing == "padding_free",
         dataloader_num_workers=0,
     )
 
