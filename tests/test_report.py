@@ -38,7 +38,7 @@ def finished_run(tmp_path_factory, tiny_model_dir):
         f"""
 model: {{name_or_path: {tiny_model_dir}}}
 adapter: {{kind: lora, r: 8, alpha: 16, dropout: 0.0}}
-data: {{format: alpaca, path: {SAMPLE_DATA}, max_seq_len: 256, eval_fraction: 0.1}}
+data: {{format: alpaca, path: {SAMPLE_DATA}, max_seq_len: 256, eval_fraction: 0.1, packing: none}}
 train: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-3, gradient_checkpointing: false, logging_steps: 1,
          eval_steps: 3, save_steps: 100}}
 eval: {{samples: 2}}
@@ -84,7 +84,7 @@ def test_the_summary_counts_real_and_padded_tokens_and_peak_memory(finished_run)
     assert last["step"] == summary["steps"]
     assert summary["tokens_seen"] == last["num_tokens"] and summary["tokens_processed"] >= summary["tokens_seen"]
     assert summary["padding_share"] == pytest.approx(1 - summary["tokens_seen"] / summary["tokens_processed"], abs=1e-4)
-    assert 0 < summary["padding_share"] < 1  # rows of different lengths, padded to the longest in the batch
+    assert 0 < summary["padding_share"] < 1  # packing: none pads rows of different lengths to the longest
     assert summary["peak_rss_mib"] > 0 and last["peak_rss_mib"] > 0
 
 
