@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 from finetune import __version__
 from finetune.data.tokenize import Sample
 from finetune.recipe.schema import DataSpec
+
+SAMPLE_FIELDS = fields(Sample)
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 # Raised whenever the same rows and settings would give different samples; older entries then miss.
@@ -60,13 +62,20 @@ def load(key: str) -> dict | None:
     return payload
 
 
+def as_json(sample: Sample) -> dict:
+    """A sample's fields as they are: `dataclasses.asdict` deep-copies every token id list, which cost more
+    than tokenizing."""
+    return {field.name: getattr(sample, field.name) for field in SAMPLE_FIELDS}
+
+
 def store(key: str, payload: dict) -> None:
     """Write atomically; a cache that cannot be written is skipped, never an error."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f"{key}.json.{os.getpid()}.partial"  # processes of one launch write alike
-        body = {**payload, "train": [asdict(s) for s in payload["train"]], "eval": [asdict(s) for s in payload["eval"]]}
+        samples = {split: [as_json(s) for s in payload[split]] for split in ("train", "eval")}
+        body = {**payload, **samples}
         partial.write_text(json.dumps(body), encoding="utf-8")
         partial.replace(folder / f"{key}.json")
     except OSError:
