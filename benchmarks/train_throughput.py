@@ -1,13 +1,15 @@
 """Real (non-padding) tokens per second of `finetune run` against what users would write instead, on the
 same model, data, LoRA settings and number of steps:
 
-  finetune            `finetune run` with the recipe's defaults (recipes/quickstart.yaml's LoRA)
+  finetune            `finetune run` with the recipe's defaults (recipes/quickstart.yaml's LoRA):
+                      padding-free batches, attention per sample
   trl defaults        the 30 lines of TRL: SFTTrainer on prompt/completion rows, SFTConfig defaults
                       (but fp32 and no gradient checkpointing, as every setup here)
   alpaca-lora         transformers Trainer + peft, prompt masked by hand, padded to the longest in the
                       batch (DataCollatorForSeq2Seq), no packing: alpaca-lora's `finetune.py` recipe
 
-plus finetune's other batching modes and its QLoRA and full fine-tuning, each in its own process.
+plus finetune's other batching modes and its QLoRA and full fine-tuning, each in its own process, on a
+LLaMA-proportioned random-weight model (benchmarks/models.py; --model tiny for data/tiny-llama).
 Every setup trains the same 108 rows in batches of the same size for the same steps (by default 3 whole
 epochs of 14 batches), so all see the same samples; the eval loss after the last step (prompt masked, on
 the same held-out rows) shows whether speed cost quality. The ratio line divides finetune's real tokens/s
@@ -29,10 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from models import model_folder
 from results import RESULTS, machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "data" / "tiny-llama"
 DATA = REPO / "data" / "alpaca_sample.json"
 MICRO_BATCH, LR, SEED, EVAL_ROWS, MAX_LEN = 8, 2e-3, 0, 12, 512
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -43,12 +45,13 @@ SETUPS = {
     "trl defaults": ("trl", []),
     "alpaca-lora": ("alpaca_lora", []),
     "finetune, packing none": ("finetune", ["data.packing=none"]),
-    "finetune, padding_free": ("finetune", ["data.packing=padding_free"]),
+    "finetune, packing bfd": ("finetune", ["data.packing=bfd"]),
     "finetune, qlora nf4": ("finetune", ["quant.bits=4"]),
     "finetune, full": ("finetune", ["adapter={kind: none}", "train.lr=1e-3"]),
 }
 QUICK = ("finetune", "trl defaults", "alpaca-lora")
 BASELINES = ("trl defaults", "alpaca-lora")
+MODEL_HELP = "proportioned: LLaMA's shape ratios at 3.5M parameters (default); tiny: data/tiny-llama"
 
 
 def split_rows() -> tuple[list[dict], list[dict]]:
@@ -57,7 +60,7 @@ def split_rows() -> tuple[list[dict], list[dict]]:
     return rows[:-EVAL_ROWS], rows[-EVAL_ROWS:]
 
 
-def run_finetune(overrides: list[str], steps: int, out: Path) -> dict:
+def run_finetune(model: Path, overrides: list[str], steps: int, out: Path) -> dict:
     from finetune.pipeline import run
     from finetune.recipe.load import load_recipe
 
@@ -68,7 +71,7 @@ def run_finetune(overrides: list[str], steps: int, out: Path) -> dict:
     recipe = load_recipe(
         REPO / "recipes" / "quickstart.yaml",
         [
-            f"model.name_or_path={MODEL}",
+            f"model.name_or_path={model}",
             f"data.path={out / 'data' / 'train.json'}",
             f"data.eval_path={out / 'data' / 'eval.json'}",
             "data.eval_fraction=0",
@@ -137,7 +140,7 @@ def baseline_arguments(steps: int, out: Path) -> dict:
     }
 
 
-def run_trl(steps: int, out: Path) -> dict:
+def run_trl(model_path: Path, steps: int, out: Path) -> dict:
     """What a TRL user writes: prompt/completion rows, a LoraConfig, SFTConfig defaults (fp32 on CPU)."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -147,9 +150,9 @@ def run_trl(steps: int, out: Path) -> dict:
     from finetune.data.alpaca import format_prompt
 
     set_seed(SEED)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.pad_token = tokenizer.unk_token
-    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
 
     def to_dataset(rows):
         return Dataset.from_list(
@@ -179,7 +182,7 @@ def run_trl(steps: int, out: Path) -> dict:
     return baseline_figures(trainer, counter)
 
 
-def run_alpaca_lora(steps: int, out: Path) -> dict:
+def run_alpaca_lora(model_path: Path, steps: int, out: Path) -> dict:
     """alpaca-lora's recipe: tokenize prompt + response + EOS, mask the prompt with -100, pad per batch."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -195,9 +198,9 @@ def run_alpaca_lora(steps: int, out: Path) -> dict:
     from finetune.data.alpaca import format_prompt
 
     set_seed(SEED)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.pad_token_id = 0  # alpaca-lora: "unk. we want this to be different from the eos token"
-    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
     lora = LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
@@ -232,23 +235,23 @@ def run_alpaca_lora(steps: int, out: Path) -> dict:
     return baseline_figures(trainer, counter)
 
 
-def child(name: str, steps: int) -> None:
+def child(name: str, model: Path, steps: int) -> None:
     """Train one setup in this process and print its figures as JSON."""
     kind, overrides = SETUPS[name]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
         if kind == "finetune":
-            figures = run_finetune(overrides, steps, out)
+            figures = run_finetune(model, overrides, steps, out)
         elif kind == "trl":
-            figures = run_trl(steps, out)
+            figures = run_trl(model, steps, out)
         else:
-            figures = run_alpaca_lora(steps, out)
+            figures = run_alpaca_lora(model, steps, out)
     print(json.dumps(figures))
 
 
-def measure(name: str, steps: int) -> dict:
+def measure(name: str, model: Path, steps: int) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--steps", str(steps)],
+        [sys.executable, __file__, "--child", name, "--model-path", str(model), "--steps", str(steps)],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -266,19 +269,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=42, help="default: 3 epochs of 108 rows in batches of 8")
     parser.add_argument("--rounds", type=int, default=2, help="every setup runs once per round; the best counts")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--model", choices=("proportioned", "tiny"), default="proportioned", help=MODEL_HELP)
+    parser.add_argument("--only", nargs="+", choices=tuple(SETUPS), help="run these setups only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        return child(args.child, args.steps)
+        return child(args.child, args.model_path, args.steps)
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
-    names = QUICK if args.quick else tuple(SETUPS)
+    names = args.only or (QUICK if args.quick else tuple(SETUPS))
 
     best: dict[str, dict] = {}
-    for _ in range(rounds):  # rounds interleave the setups, so a busy minute does not hit one setup only
-        for name in names:
-            figures = measure(name, steps)
-            if name not in best or figures["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = figures
+    with tempfile.TemporaryDirectory() as scratch:
+        model = model_folder(args.model, Path(scratch))
+        for _ in range(rounds):  # rounds interleave the setups, so a busy minute does not hit one setup only
+            for name in names:
+                figures = measure(name, model, steps)
+                if name not in best or figures["tokens_per_s"] > best[name]["tokens_per_s"]:
+                    best[name] = figures
     rows = [
         "| setup | real tokens | padding share | train s | real tokens/s | x finetune | eval loss after last step |",
         "|---|---|---|---|---|---|---|",
@@ -296,12 +304,12 @@ def main() -> None:
             f"{f['eval_loss']:.4f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
-    ratios = ", ".join(f"{ours / best[b]['tokens_per_s']:.2f}x {b}" for b in BASELINES)
+    ratios = ", ".join(f"{ours / best[b]['tokens_per_s']:.2f}x {b}" for b in BASELINES if b in best)
     table = "\n".join(rows) + f"\n\nfinetune real tokens/s: {ratios} (target >= 1.4x both)"
     print(table)
     header = (
         f"## train_throughput ({steps} steps, micro-batch {MICRO_BATCH}, LoRA r {LORA['r']} all-linear, "
-        f"data/tiny-llama, data/alpaca_sample.json; best of {rounds}; `python benchmarks/train_throughput.py`)\n\n"
+        f"{args.model} model, data/alpaca_sample.json; best of {rounds}; `python benchmarks/train_throughput.py`)\n\n"
         f"{machine_line('torch', 'transformers', 'peft', 'trl')}\n\n"
     )
     write_section(args.results, "train_throughput", header + table + "\n")
