@@ -70,3 +70,60 @@ def test_merge_memory_quick_measures_both_merges(tmp_path):
     difference = out.split("the two merges' weights differ by at most ")[1].split()[0]
     assert float(difference) < 1e-5  # both merges wrote the same weights
     assert "## merge_memory (" in results.read_text()
+
+
+def test_step_memory_meter_counts_live_bytes_not_nested_sums(monkeypatch):
+    """A known case: 100 MiB allocated and freed, then 50 MiB allocated: the peak is the 100 MiB."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_memory import MiB, StepMeter
+
+    layer = torch.nn.Linear(64, 64)
+    meter = StepMeter()
+    meter.start(layer, None)
+    freed = torch.ones(100 * MiB, dtype=torch.uint8)
+    del freed
+    kept = torch.ones(50 * MiB, dtype=torch.uint8)
+    meter.stop()
+    (window,) = meter.steps
+    assert window["resident"] == sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert 100 * MiB <= window["peak"] < 101 * MiB and window["largest"] == 100 * MiB
+    assert kept.numel() == 50 * MiB
+
+
+def test_step_memory_quick_measures_lora_with_and_without_checkpointing(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("step_memory.py", results)
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): [cell.strip() for cell in line.split("|")[3:-1]]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    }
+    assert set(rows) >= {("lora", "off"), ("lora", "on"), ("prefix", "on")}
+    assert set(rows[("prefix", "on")]) == {"n/a"}  # the recipe refuses prefix-tuning with checkpointing
+    for key in (("lora", "off"), ("lora", "on")):
+        trainable, rss, resident, step, tensor_peak, largest = rows[key]
+        assert int(trainable.replace(",", "")) > 0 and min(float(resident), float(step), float(largest)) > 0
+        assert float(tensor_peak) < float(rss)  # the profiler's peak counts each byte once
+    assert float(rows[("lora", "on")][3]) < float(rows[("lora", "off")][3])  # checkpointing keeps fewer activations
+    assert "gradient checkpointing's saving on the step's peak allocation: lora " in out
+    assert "## step_memory (" in results.read_text()
+
+
+def test_preprocess_quick_times_cold_and_cache_hit(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("preprocess.py", results)
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| mode")
+    }
+    statuses = {mode: cells[0] for mode, cells in rows.items()}
+    assert statuses == {"cold, cache off": "off", "cold": "miss", "cache hit": "hit"}
+    for _, n_rows, seconds, rows_per_s in rows.values():
+        assert int(n_rows.replace(",", "")) > 0 and float(seconds) > 0 and float(rows_per_s.replace(",", "")) > 0
+    assert len({cells[1] for cells in rows.values()}) == 1  # every mode prepared the same rows
+    assert float(rows["cache hit"][2]) < float(rows["cold"][2])
+    assert "x the cold rows/s" in out
+    assert "## preprocess (" in results.read_text()
