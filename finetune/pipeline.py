@@ -97,7 +97,21 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
         summary["resumed_from"] = checkpoints.complete.name
     run_dir.write_json(run_dir.summary, summary)  # the run is finished even if what follows fails
     finish(model, tokenizer, recipe, data, run_dir, summary, echo)
+    close_process_group()
     return RunResult(run_dir.path, summary, model)
+
+
+def close_process_group() -> None:
+    """Under a launcher, wait for every process, then close the process group.
+
+    A process that exits with its gloo process group open can abort in teardown ("terminate called without
+    an active exception"), which fails the launch after a finished run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
