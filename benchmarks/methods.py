@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from child import run_child
 from results import RESULTS, machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +65,7 @@ def measure(name: str, steps: int, out: Path) -> dict:
         "train.save_steps=100000",
         f"output.dir={out}",
     ]
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", *overrides], cwd=REPO, check=True, capture_output=True, text=True
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, overrides)
 
 
 def main() -> None:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from child import run_child
 from results import RESULTS, machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,15 +58,8 @@ def child(overrides: list[str]) -> None:
 
 
 def measure(data_path: Path, cache: str, cache_dir: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", f"data.path={data_path}", f"data.cache={cache}"],
-        cwd=REPO,
-        env={**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir)},
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = [f"data.path={data_path}", f"data.cache={cache}"]
+    return run_child(__file__, arguments, env={**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir)})
 
 
 def main() -> None:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from child import run_child
 from models import model_folder
 from results import RESULTS, machine_line, write_section
 
@@ -195,10 +194,7 @@ def refusal(overrides: list[str]) -> str | None:
 
 
 def measure(overrides: list[str]) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", *overrides], cwd=REPO, check=True, capture_output=True, text=True
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, overrides)
 
 
 def tensor_peak(figures: dict) -> float:

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from child import run_child
 from models import model_folder
 from results import RESULTS, machine_line, write_section
 
@@ -250,14 +249,7 @@ def child(name: str, model: Path, steps: int) -> None:
 
 
 def measure(name: str, model: Path, steps: int) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--model-path", str(model), "--steps", str(steps)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures = run_child(__file__, [name, "--model-path", str(model), "--steps", str(steps)])
     figures["tokens_per_s"] = figures["real_tokens"] / figures["train_runtime_s"]
     figures["padding_share"] = 1 - figures["real_tokens"] / figures["processed_tokens"]
     return figures
