@@ -38,7 +38,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     from finetune.model.load import load_model, pick_device, resolve_source
     from finetune.train.callbacks import StopOnSignalCallback
     from finetune.train.checkpoints import estimate_checkpoint_bytes
-    from finetune.train.launch import check_trainer_distribution
+    from finetune.train.launch import check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, find_resume_point
     from finetune.train.run_dir import RunDir, is_main_process
     from finetune.train.trainer import build_trainer, mixed_precision
@@ -100,18 +100,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     close_process_group()
     return RunResult(run_dir.path, summary, model)
 
-
-def close_process_group() -> None:
-    """Under a launcher, wait for every process, then close the process group.
-
-    A process that exits with its gloo process group open can abort in teardown ("terminate called without
-    an active exception"), which fails the launch after a finished run.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:

@@ -110,3 +110,16 @@ def check_trainer_distribution(trainer) -> None:
             "would train apart, unsynchronised; on CPU set train.use_cpu: true in the recipe and use_cpu: false "
             "in the accelerate config"
         )
+
+
+def close_process_group() -> None:
+    """Under a launcher, wait for every process, then close the process group.
+
+    A process that exits with its gloo process group open can abort in teardown ("terminate called without
+    an active exception"), which fails the launch after a finished run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
