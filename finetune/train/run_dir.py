@@ -104,7 +104,7 @@ class RunDir:
             raise InputError(
                 f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
             )
-        nearest = next(p for p in [run.path, *run.path.absolute().parents] if p.exists())
+        nearest = run.nearest_existing_folder()
         problem = write_problem(nearest)
         if problem:
             raise InputError(f"output.dir: {run.path} cannot be written ({nearest}: {problem})")
@@ -122,10 +122,13 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return removed
 
+    def nearest_existing_folder(self) -> Path:
+        """The run folder, or its closest ancestor that exists yet: where it will be created."""
+        return next(p for p in [self.path, *self.path.absolute().parents] if p.exists())
+
     def check_free_space(self, needed: int) -> None:
         """Raises InputError when the file system of the run folder has less than `needed` bytes free."""
-        nearest = next(p for p in [self.path, *self.path.absolute().parents] if p.exists())
-        free = shutil.disk_usage(nearest).free
+        free = shutil.disk_usage(self.nearest_existing_folder()).free
         if free < needed:
             raise InputError(
                 f"output.dir: {self.path} has {_size(free)} free; the run needs about {_size(needed)} for its "
