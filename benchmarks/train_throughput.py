@@ -165,9 +165,7 @@ def run_trl(model_path: Path, steps: int, out: Path) -> dict:
         bf16=False,  # TRL's default bf16 fails on CPU
         gradient_checkpointing=False,  # TRL's default is on; off as in the other setups, to compare batching
     )
-    lora = LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear"
-    )
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear")
     trainer = SFTTrainer(
         model=model,
         args=args,

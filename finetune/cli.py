@@ -221,11 +221,10 @@ def cmd_run(args) -> int:
     else:
         recipe = load_recipe(args.recipe, args.overrides)
     if args.accelerate_config:
-        from finetune.train.launch import check_launch, launch, read_accelerate_config
+        from finetune.train.launch import launch_run
 
-        check_launch(recipe, read_accelerate_config(args.accelerate_config), args.accelerate_config)
-        flags = ["--overwrite"] * args.overwrite + ["--resume"] * args.resume + ["--debug"] * args.debug
-        return launch(args.accelerate_config, args.recipe, [*args.overrides, *flags])
+        flags = {"overwrite": args.overwrite, "resume": args.resume, "debug": args.debug}
+        return launch_run(recipe, args.accelerate_config, args.recipe, args.overrides, **flags)
     from finetune.pipeline import run
 
     result = run(recipe, overwrite=args.overwrite, resume=args.resume)

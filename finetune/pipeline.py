@@ -101,7 +101,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     return RunResult(run_dir.path, summary, model)
 
 
-
 def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
     """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
     from finetune.train.resume import prepare_for_resume

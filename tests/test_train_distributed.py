@@ -13,8 +13,10 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune.cli import main
+from finetune.errors import InputError
 from finetune.recipe.load import load_recipe
 from finetune.train.launch import check_launch, read_accelerate_config
+from finetune.train.run_dir import RunDir
 
 from conftest import REPO
 
@@ -80,6 +82,27 @@ def test_configs_that_would_run_one_process_are_refused(write_recipe, tmp_path, 
     assert main(["run", str(write_recipe()), "--accelerate-config", str(path)]) == 2
     assert "accelerate starts one process, not 2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_launch_into_a_non_empty_folder_is_refused_before_any_process_starts(write_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    config = str(CONFIGS / "cpu_ddp.yaml")
+    assert main(["run", str(write_recipe(train={"use_cpu": True})), "--accelerate-config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is not empty; pass --overwrite") == 1 and "ChildFailedError" not in err
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
+
+
+def test_only_the_main_process_refuses_a_folder_that_holds_files(tmp_path, monkeypatch):
+    # Rank 0 may have begun writing the run folder before a slower rank claims it.
+    (tmp_path / "recipe.yaml").write_text("written by rank 0")
+    monkeypatch.setenv("RANK", "1")
+    assert RunDir.claim(tmp_path, overwrite=False).path == tmp_path
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(InputError, match="is not empty"):
+        RunDir.claim(tmp_path, overwrite=False)
 
 
 def free_port() -> int:

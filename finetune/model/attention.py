@@ -11,6 +11,8 @@ tokens) to transformers' own sdpa unchanged.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 PACKED_SDPA = "finetune_packed_sdpa"
 
 
@@ -43,10 +45,10 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)  # each sample is causal on its own
     # One split per tensor, not a slice per sample: a slice's backward writes a whole row of zeros.
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    lengths = [b - a for a, b in pairwise(bounds)]
     outputs = [
         sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
     ]
     return torch.cat(outputs, dim=1), None  # sdpa_attention_forward returns (batch, tokens, heads, head_dim)
 

@@ -18,6 +18,7 @@ import yaml
 from finetune.errors import FinetuneError, InputError
 from finetune.recipe.checks import check_fsdp
 from finetune.recipe.schema import Recipe
+from finetune.train.run_dir import RunDir
 
 
 def world_size() -> int:
@@ -84,6 +85,30 @@ def check_launch(recipe: Recipe, config: dict, config_path: str) -> None:
             f"--accelerate-config: {config_path} has use_cpu: true, with which accelerate starts one process, "
             f"not {config['num_processes']}; set use_cpu: false there and train.use_cpu: true in the recipe"
         )
+
+
+def launch_run(
+    recipe: Recipe,
+    config_path: str,
+    recipe_path: str,
+    overrides: list[str],
+    *,
+    overwrite: bool,
+    resume: bool,
+    debug: bool,
+) -> int:
+    """Check the config and claim output.dir, then launch `finetune run` in every process; the exit status.
+
+    A refusal is printed once, before any process starts, and leaves the run folder as it was.
+
+    Raises:
+        InputError: what check_launch refuses, or an output.dir that cannot take a new run.
+    """
+    check_launch(recipe, read_accelerate_config(config_path), config_path)
+    if not resume:
+        RunDir.claim(recipe.output.dir, overwrite=overwrite)
+    flags = ["--overwrite"] * overwrite + ["--resume"] * resume + ["--debug"] * debug
+    return launch(config_path, recipe_path, [*overrides, *flags])
 
 
 def launch(config_path: str, recipe_path: str, arguments: list[str]) -> int:

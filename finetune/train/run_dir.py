@@ -100,7 +100,9 @@ class RunDir:
         run = cls(Path(path))
         if run.path.exists() and not run.path.is_dir():
             raise InputError(f"output.dir: {run.path} exists and is not a folder")
-        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
+        # Only the main process judges emptiness: the other processes of a launch may start after it has
+        # begun writing the folder (the launching command checked it before starting any of them).
+        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite and is_main_process():
             raise InputError(
                 f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
             )
