@@ -95,8 +95,8 @@ def test_a_launch_into_a_non_empty_folder_is_refused_before_any_process_starts(w
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
 
 
-def test_only_the_main_process_refuses_a_folder_that_holds_files(tmp_path, monkeypatch):
-    # Rank 0 may have begun writing the run folder before a slower rank claims it.
+def test_only_the_main_process_checks_the_run_folder(tmp_path, monkeypatch):
+    # Rank 0 may have begun writing (or emptying) the run folder before a slower rank claims it.
     (tmp_path / "recipe.yaml").write_text("written by rank 0")
     monkeypatch.setenv("RANK", "1")
     assert RunDir.claim(tmp_path, overwrite=False).path == tmp_path

@@ -98,11 +98,14 @@ class RunDir:
             InputError: the folder holds files and `overwrite` is off, or it cannot be written.
         """
         run = cls(Path(path))
+        if not is_main_process():
+            # The other processes of a launch may start after the main one began writing (or emptying) the
+            # folder, and their own probe would show up in its listing; the launching command and the main
+            # process check it, the others only name it.
+            return run
         if run.path.exists() and not run.path.is_dir():
             raise InputError(f"output.dir: {run.path} exists and is not a folder")
-        # Only the main process judges emptiness: the other processes of a launch may start after it has
-        # begun writing the folder (the launching command checked it before starting any of them).
-        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite and is_main_process():
+        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
             raise InputError(
                 f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
             )
