@@ -241,8 +241,7 @@ def check_fsdp_launch(recipe: Recipe, precision: str, device: str) -> None:
 
 def size_batches(recipe: Recipe, device: str, echo: Echo) -> Recipe:
     """micro_batch_size: auto and tokens_per_update, resolved for this device and world size."""
-    import os
-
+    from finetune.train.launch import fsdp_requested, world_size
     from finetune.train.plan import resolve_batch
 
     memory = None
@@ -250,14 +249,13 @@ def size_batches(recipe: Recipe, device: str, echo: Echo) -> Recipe:
         import torch
 
         memory = torch.cuda.get_device_properties(0).total_memory
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    resolved = resolve_batch(recipe, device_memory=memory, world_size=world_size, sharded=sharded)
+    processes = world_size()
+    resolved = resolve_batch(recipe, device_memory=memory, world_size=processes, sharded=fsdp_requested())
     if resolved is not recipe:
         train = resolved.train
-        tokens = train.micro_batch_size * recipe.data.max_seq_len * train.grad_accum * world_size
+        tokens = train.micro_batch_size * recipe.data.max_seq_len * train.grad_accum * processes
         echo(
-            f"batch: micro-batch {train.micro_batch_size}, grad_accum {train.grad_accum}, {world_size} process(es): "
+            f"batch: micro-batch {train.micro_batch_size}, grad_accum {train.grad_accum}, {processes} process(es): "
             f"up to {tokens:,} tokens per optimizer step"
         )
     return resolved
