@@ -36,6 +36,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
+    from finetune.train.batch import size_batches
     from finetune.train.callbacks import StopOnSignalCallback
     from finetune.train.checkpoints import estimate_checkpoint_bytes
     from finetune.train.launch import check_trainer_distribution, close_process_group
@@ -237,28 +238,6 @@ def check_fsdp_launch(recipe: Recipe, precision: str, device: str) -> None:
     problems = fsdp_problems(recipe, precision)
     if problems:
         raise InputError("\n".join(f"FSDP: {line}" for line in problems))
-
-
-def size_batches(recipe: Recipe, device: str, echo: Echo) -> Recipe:
-    """micro_batch_size: auto and tokens_per_update, resolved for this device and world size."""
-    from finetune.train.launch import fsdp_requested, world_size
-    from finetune.train.plan import resolve_batch
-
-    memory = None
-    if device == "cuda":
-        import torch
-
-        memory = torch.cuda.get_device_properties(0).total_memory
-    processes = world_size()
-    resolved = resolve_batch(recipe, device_memory=memory, world_size=processes, sharded=fsdp_requested())
-    if resolved is not recipe:
-        train = resolved.train
-        tokens = train.micro_batch_size * recipe.data.max_seq_len * train.grad_accum * processes
-        echo(
-            f"batch: micro-batch {train.micro_batch_size}, grad_accum {train.grad_accum}, {processes} process(es): "
-            f"up to {tokens:,} tokens per optimizer step"
-        )
-    return resolved
 
 
 def stopped_summary(error: BaseException, state, wall_time: float) -> dict:

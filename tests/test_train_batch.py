@@ -12,7 +12,8 @@ from finetune.cli import main
 from finetune.errors import InputError, RecipeError
 from finetune.model.shape import read_shape
 from finetune.recipe.load import load_recipe
-from finetune.train.plan import GiB, largest_micro_batch, resolve_batch
+from finetune.train.batch import resolve_batch
+from finetune.train.plan import GiB, largest_micro_batch
 
 
 def test_tokens_per_update_sets_grad_accum(write_recipe):
