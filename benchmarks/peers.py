@@ -72,6 +72,11 @@ def train_and_evaluate(trainer) -> dict:
 
 def run_trl(model_path: Path, steps: int, out: Path, option: str) -> dict:
     """TRL's SFTTrainer with SFTConfig defaults ('defaults'), or with padding_free or packing on."""
+    return train_and_evaluate(build_trl_trainer(model_path, steps, out, option))
+
+
+def build_trl_trainer(model_path: Path, steps: int, out: Path, option: str, *, evaluate: bool = True):
+    """The SFTTrainer of run_trl, untrained; without `evaluate`, no eval rows."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
@@ -90,18 +95,19 @@ def run_trl(model_path: Path, steps: int, out: Path, option: str) -> dict:
 
     options = {"defaults": {}, "padding_free": {"padding_free": True}, "packing": {"packing": True}}[option]
     train, held_out = split_rows()
+    # TRL refuses max_length with padding_free and no packing (it would not be enforced); no row here is longer
+    max_length = None if option == "padding_free" else MAX_LEN
     args = SFTConfig(
-        **trainer_arguments(steps, out), max_length=MAX_LEN, bf16=False, gradient_checkpointing=False, **options
+        **trainer_arguments(steps, out), max_length=max_length, bf16=False, gradient_checkpointing=False, **options
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(train),
-        eval_dataset=to_dataset(held_out),
+        eval_dataset=to_dataset(held_out) if evaluate else None,
         processing_class=tokenizer,
         peft_config=lora_config(),
     )
-    return train_and_evaluate(trainer)
 
 
 def run_alpaca_lora(model_path: Path, steps: int, out: Path) -> dict:
