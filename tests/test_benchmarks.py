@@ -202,3 +202,29 @@ def test_preprocess_quick_times_cold_and_cache_hit(tmp_path):
     assert float(rows["cache hit"][2]) < float(rows["cold"][2])
     assert "x the cold rows/s" in out
     assert "## preprocess (" in results.read_text()
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import torch
+
+    assert not torch.cuda.is_available()  # this suite runs on CPU; the GPU run is `python benchmarks/gpu_check.py`
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("gpu_check needs CUDA, and this machine has none: nothing was run.")
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter():
+    command = [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke"]
+    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    table = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| "))
+    rows = {cells[0]: cells[1:] for cells in table}
+    checks = ["lora", "qlora nf4", "qlora nf4, paged_adamw_32bit", "cpu_ddp, 1 process", "merge on cpu"]
+    assert [name for name in rows if name != "check" and not name.startswith("---")] == checks
+    assert all(rows[name][0] == "ok" for name in checks)
+    for name in checks[:3]:
+        assert float(rows[name][1]) > 0 and float(rows[name][3]) > 0  # tokens/s and the plan's figure
+    resumed = rows["cpu_ddp, 1 process"][-1]
+    assert "resumed from checkpoint-2: max /resumed - uninterrupted/ 0.00e+00" in resumed
+    assert rows["merge on cpu"][-1].startswith("check: ")  # the merge's own logits check ran and passed
