@@ -88,20 +88,10 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def method_tags(recipe: Recipe) -> list[str]:
-    """Tags naming the method: lora (+ qlora, dora, rslora), prefix-tuning, prompt-tuning or full-fine-tuning."""
-    adapter = recipe.adapter
-    if adapter.kind == "none":
-        return ["full-fine-tuning"]
-    if adapter.kind != "lora":
-        return [f"{adapter.kind}-tuning"]
-    tags = ["lora"]
-    if recipe.quant is not None and recipe.quant.bits == 4:
-        tags.append("qlora")
-    if adapter.use_dora:
-        tags.append("dora")
-    if adapter.use_rslora:
-        tags.append("rslora")
-    return tags
+    """Tags naming the method, as its adapter kind's method gives them (e.g. lora + qlora, ia3, prefix-tuning)."""
+    from finetune.model.methods import method_of
+
+    return method_of(recipe.adapter).tags(recipe.adapter, recipe.quant.bits if recipe.quant else None)
 
 
 def hub_datasets(recipe: Recipe) -> list[str]:
