@@ -314,7 +314,7 @@ def cmd_data_stats(args) -> int:
 def cmd_data_goat(args) -> int:
     from pathlib import Path
 
-    from finetune.data import goat
+    from finetune.data.formats import goat
     from finetune.errors import InputError
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())

@@ -359,7 +359,7 @@ def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: 
 
 def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batch_size: int, echo: Echo):
     """Greedy answers of `model` to `n` held-out Goat problems, scored and written to the run's eval.json."""
-    from finetune.data.goat import format_prompt
+    from finetune.data.formats.goat import format_prompt
     from finetune.eval.generate import generate_greedy
     from finetune.eval.goat import held_out_rows, score
 

@@ -206,6 +206,16 @@ CASES = [
          "re:error: {bad}/rows_wrong_type.json: row 1: 'output' .*"),
     Case("data-rows-not-objects", run_over("data.path=rows_not_objects.json"), 2,
          "{bad}/rows_not_objects.json: row 2: expected an object with 'instruction' and 'output', got int"),
+    Case("sharegpt-unknown-role", run_over("data.format=sharegpt", "data.path=rows_sharegpt_unknown_role.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_unknown_role.jsonl:2: turn 2 is from 'bot': expected human, gpt or system "
+         "(or user, assistant)"),
+    Case("sharegpt-empty", run_over("data.format=sharegpt", "data.path=rows_sharegpt_empty.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_empty.jsonl:2: 'conversations' must be a non-empty list of {from, value} turns"),
+    Case("sharegpt-not-alternating", run_over("data.format=sharegpt", "data.path=rows_sharegpt_not_alternating.jsonl"),
+         2, "error: {bad}/rows_sharegpt_not_alternating.jsonl:2: turn 2 is from 'user', expected 'assistant' (turns "
+         "must alternate)"),
+    Case("sharegpt-empty-turn", run_over("data.format=sharegpt", "data.path=rows_sharegpt_empty_turn.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_empty_turn.jsonl:2: turn 2 (assistant) is empty"),
     Case("data-response-truncated-away", run_over("data.path=rows_prompt_too_long.json"), 2,
          "error: {bad}/rows_prompt_too_long.json: no training sample left after data.overlong=truncate, "
          "data.max_seq_len=128, data.min_tokens=0 and data.dedup=none"),

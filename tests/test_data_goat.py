@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from finetune.data import goat
+from finetune.data.formats import goat
 from finetune.data.build import build_datasets
 from finetune.data.tokenize import tokenize_conversations
 from finetune.errors import InputError

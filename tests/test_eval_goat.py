@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from finetune.cli import main
-from finetune.data import goat
+from finetune.data.formats import goat
 from finetune.data.build import build_datasets, split_holdout
 from finetune.eval.goat import format_table, held_out_rows, score
 from finetune.recipe.schema import DataSpec, GoatSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from finetune.data import goat
+from finetune.data.formats import goat
 from finetune.data.build import load_rows, sources_of, split_holdout
 from finetune.data.sources import read_rows
 from finetune.recipe.schema import DataSpec, GoatSpec

@@ -188,7 +188,7 @@ class GoatSpec(Section):
     div_divisor_digits: int = Field(5, gt=0, description="Longest divisor of divisions.")
 
 
-Format = Literal["alpaca", "goat", "lima"]
+Format = Literal["alpaca", "goat", "lima", "sharegpt"]
 
 
 class SourceSpec(Section):
@@ -214,15 +214,17 @@ class DataSpec(Section):
         "alpaca",
         description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
         "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`. lima: "
-        "conversations (LIMA's `conversations` list or `messages`) through a chat template.",
+        "conversations (LIMA's `conversations` list or `messages`) through a chat template. sharegpt: "
+        "`conversations` of {from: human|gpt|system, value} turns through a chat template.",
     )
     chat_template: str | None = Field(
         None,
-        description="lima only: the tokenizer's own template when null (lima when it has none), a name "
-        "(lima, chatml), or a Jinja string. Saved with the trained tokenizer.",
+        description="chat formats (lima, sharegpt) only: the tokenizer's own template when null (lima when it has "
+        "none), a name (lima, chatml), or a Jinja string. Saved with the trained tokenizer.",
     )
     train_on: Literal["all_assistant_turns", "last_turn"] = Field(
-        "all_assistant_turns", description="lima only: which assistant turns are trained; user turns never are."
+        "all_assistant_turns",
+        description="chat formats (lima, sharegpt) only: which assistant turns are trained; user turns never are.",
     )
     path: str | None = Field(
         None,
@@ -237,7 +239,7 @@ class DataSpec(Section):
         None,
         min_length=1,
         description="Several data sets in one run, each with its own format and path (or goat); replaces "
-        "data.format, data.path and data.goat. One chat template serves every lima source.",
+        "data.format, data.path and data.goat. One chat template serves every chat-format source.",
     )
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
