@@ -363,7 +363,7 @@ def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batc
     from finetune.eval.generate import generate_greedy
     from finetune.eval.goat import held_out_rows, score
 
-    rows, source = held_out_rows(recipe.data, recipe.train.seed, n)
+    rows, source = held_out_rows(recipe.data, n, run_dir.data)
     echo(f"eval: {len(rows)} problems from {source}")
     longest = max(len(tokenizer(row["output"], add_special_tokens=False).input_ids) for row in rows)
     prompts = [format_prompt(row["instruction"]) for row in rows]

@@ -45,6 +45,8 @@ class DataReport:
     cache: str = "off"  # hit, miss (built and stored) or off (data.cache: false)
     dropped_rows: list[dict] = field(default_factory=list)
     fingerprint: str = ""
+    # the rows of the eval samples, in order: what `finetune eval` scores, so it never re-derives the split
+    held_out_rows: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,7 +81,8 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     key = cache.cache_key(spec, digests, tokenizer, template, seed)
     cached = cache.load(key) if spec.cache else None
     if cached is not None:
-        report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings})
+        held_out = [sample.row for sample in cached["eval"]]
+        report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings, "held_out_rows": held_out})
         return BuiltData(cached["train"], cached["eval"], report, template)
     built = tokenize_sources(spec, sources, rows, eval_rows, tokenizer, template, seed)
     built.report.warnings = warnings
@@ -150,6 +153,7 @@ def tokenize_sources(spec, sources, rows: list[Rows], eval_rows: Rows | None, to
             for d in skipped + train_dropped + eval_dropped + train_short + eval_short
         ],
         fingerprint=fingerprint(train, eval_),
+        held_out_rows=[sample.row for sample in eval_],
     )
     return BuiltData(train, eval_, report, template)
 

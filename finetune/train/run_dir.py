@@ -2,7 +2,7 @@
 
 recipe.yaml        the resolved recipe, every default filled in
 environment.json   library versions, Python, platform, device, git commit of finetune
-data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+data.json          data report: source hash, rows kept/dropped/truncated, held-out rows, token counts, fingerprint
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
