@@ -45,7 +45,7 @@ def test_eval_split_rows_are_the_runs_own_held_out_rows(tokenizer, tmp_path):
     spec = DataSpec(format="goat", goat=GoatSpec(n=100, seed=2), eval_fraction=0.1)
     report = write_report(build_datasets(spec, tokenizer, seed=5), tmp_path)
     rows, source = held_out_rows(spec, n=500, data_report=report)
-    assert len(rows) == 10 and source == "the run's held-out 10%, as its data.json records them"
+    assert len(rows) == 10 and source == "the run's held-out 10%"
 
 
 def test_with_skipped_bad_rows_eval_scores_exactly_the_runs_held_out_problems(tokenizer, tmp_path):

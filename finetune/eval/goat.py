@@ -73,8 +73,10 @@ def held_out_rows(spec: DataSpec, n: int, data_report: Path) -> tuple[list[dict]
     rows = [by_ref[ref] for ref in held_out if ref in by_ref][:n]  # rows of other formats' sources are not scored
     if not rows:
         raise InputError(f"{data_report}: the run's eval split holds no Goat row to score")
-    where = f"data.eval_path {spec.eval_path}" if spec.eval_path is not None else f"held-out {spec.eval_fraction:.0%}"
-    return rows, f"the run's {where}, as its {data_report.name} records them"
+    # the split as data.json records it, named as the recipe asked for it
+    if spec.eval_path is not None:
+        return rows, f"data.eval_path {spec.eval_path}"
+    return rows, f"the run's held-out {spec.eval_fraction:.0%}"
 
 
 def recorded_held_out(data_report: Path) -> list[str]:
