@@ -36,12 +36,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
+    from finetune.run_folder import RunDir, is_main_process
     from finetune.train.batch import size_batches
     from finetune.train.callbacks import StopOnSignalCallback
     from finetune.train.checkpoints import estimate_checkpoint_bytes
     from finetune.train.launch import check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, find_resume_point
-    from finetune.train.run_dir import RunDir, is_main_process
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
@@ -104,8 +104,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
 def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
     """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
+    from finetune.run_folder import is_main_process
+    from finetune.train.environment import environment_info
     from finetune.train.resume import prepare_for_resume
-    from finetune.train.run_dir import environment_info, is_main_process
 
     if checkpoints is not None:
         echo(f"resume: continuing {run_dir.path} from {checkpoints.complete.name}")
@@ -200,7 +201,7 @@ def _first_line(error: BaseException) -> str:
 
 def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo: Echo) -> None:
     """What follows training: sample generations, exact match, report.html."""
-    from finetune.train.run_dir import is_main_process
+    from finetune.run_folder import is_main_process
 
     if recipe.eval.samples:
         write_samples(model, tokenizer, data, run_dir, recipe.eval.samples)
@@ -265,13 +266,13 @@ def save_artifact(model, tokenizer, target: Path, *, state_dict: dict | None = N
 
     `state_dict`: the model's full state dict where the model itself holds shards (FSDP).
     """
-    import shutil
+    from finetune.run_folder import write_atomically
 
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    def fill(partial: Path) -> None:
+        model.save_pretrained(partial, state_dict=state_dict)
+        tokenizer.save_pretrained(partial)
+
+    write_atomically(target, fill)
 
 
 def summarize(state, artifact: Path, trainable: int, total: int, wall_time: float) -> dict:
@@ -341,12 +342,12 @@ def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: 
         InputError: not a run folder, or not a Goat run.
     """
     from finetune.errors import InputError
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
     from finetune.model.load import pick_device
-    from finetune.train.run_dir import RunDir
+    from finetune.run_folder import RunDir, read_recipe
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_recipe(run_dir.path)
     formats = recipe.data.formats
     if "goat" not in formats:
         raise InputError(

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.errors import InputError
+from finetune.run_folder import RunDir, read_metrics
 from finetune.train.callbacks import HANG_AT_SAVE_ENV
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.resume import truncate_metrics
-from finetune.train.run_dir import RunDir, read_metrics
 
 from conftest import REPO, SAMPLE_DATA
 

@@ -35,10 +35,9 @@ def model_card(run_path: Path, *, library: Library) -> str:
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    from finetune.eval.generate import read_run_recipe
-    from finetune.report.runs import read_run
+    from finetune.run_folder import read_recipe, read_run
 
-    recipe = read_run_recipe(run_path)
+    recipe = read_recipe(run_path)
     run = read_run(run_path)
     recipe_text = run_path.joinpath("recipe.yaml").read_text(encoding="utf-8")
     body = [

@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 from finetune.report import plots
-from finetune.report.runs import RunRecord, read_run
+from finetune.run_folder import RunRecord, read_run, write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 62rem; color: #222; }
@@ -61,9 +61,7 @@ def build_report(run_path: str | Path) -> Path:
         ]
     )
     target = run.path / "report.html"
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(target)
+    write_text(target, page)
     return target
 
 

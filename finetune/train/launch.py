@@ -18,7 +18,7 @@ import yaml
 from finetune.errors import FinetuneError, InputError
 from finetune.recipe.checks import check_fsdp
 from finetune.recipe.schema import Recipe
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 
 
 def world_size() -> int:
