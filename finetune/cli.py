@@ -191,13 +191,14 @@ def cmd_plan(args) -> int:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.model.shape import LLAMA1_SHAPES, read_shape
     from finetune.train.plan import plan_report
 
-    print(
-        plan_report(
-            recipe, args.recipe, gpu_memory=args.gpu_memory, world_size=args.world_size, model_params=args.model_params
-        )
-    )
+    if args.model_params:
+        shape, model = LLAMA1_SHAPES[args.model_params], f"LLaMA-{args.model_params} shape"
+    else:
+        shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
+    print(plan_report(recipe, args.recipe, shape, model, gpu_memory=args.gpu_memory, world_size=args.world_size))
     return 0
 
 
@@ -264,8 +265,8 @@ def cmd_preview(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from finetune.eval.exact_match import evaluate
     from finetune.eval.goat import format_table
-    from finetune.pipeline import evaluate
 
     result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
     print(format_table(result))
