@@ -181,15 +181,16 @@ def write_problem(folder: Path) -> str | None:
 # --- atomic writes ------------------------------------------------------------------------------------------
 
 
-def write_atomically(target: Path, fill: Callable[[Path], T]) -> T:
+def write_atomically(target: Path, fill: Callable[[Path], T], *, partial: Path | None = None) -> T:
     """Write `target` (a file or a folder) so that no reader ever sees half of it; returns what `fill` returns.
 
     `fill(partial)` writes the whole content at `TARGET.partial`; only then does it take `target`'s place.
     If `fill` fails, the partial content is removed and `target` is as it was. A previous folder at
-    `target` is removed only after the new one is complete.
+    `target` is removed only after the new one is complete. `partial` names another place to write first,
+    beside `target`, where several processes may write the same target at once.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = partial or target.with_name(target.name + ".partial")
     _remove(partial)
     try:
         result = fill(partial)
