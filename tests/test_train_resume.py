@@ -203,7 +203,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir,
     [
         # grad_accum = 512 / (2 x 128) = 2, as the reference recipe gives it; 2048 would make it 8
         ({"grad_accum": None, "tokens_per_update": 512}, ["train.tokens_per_update=2048"]),
-        ({"micro_batch_size": "auto", "gpu_memory": "0.755GiB"}, ["train.micro_batch_size=1"]),  # auto: 3
+        ({"micro_batch_size": "auto", "gpu_memory": "0.755GiB"}, ["train.gpu_memory=0.76GiB"]),  # auto: 3, then 7
     ],
     ids=["tokens_per_update", "auto"],
 )
