@@ -81,7 +81,7 @@ def build_trl_trainer(model_path: Path, steps: int, out: Path, option: str, *, e
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.data.alpaca import format_prompt
+    from finetune.data.formats.alpaca import format_prompt
 
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -117,7 +117,7 @@ def run_alpaca_lora(model_path: Path, steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers import set_seed
 
-    from finetune.data.alpaca import format_prompt
+    from finetune.data.formats.alpaca import format_prompt
 
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
