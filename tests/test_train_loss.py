@@ -15,7 +15,7 @@ from finetune.model.adapters import wrap_adapter
 from finetune.model.load import load_model, load_tokenizer
 from finetune.recipe.load import load_recipe
 from finetune.train.loss import chunked_next_token_log_probs, tile_shape
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 from finetune.train.trainer import build_trainer
 
 
