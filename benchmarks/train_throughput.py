@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def run_rounds(names: tuple[str, ...], model: Path, steps: int, rounds: int, thr
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name].append(measure(name, model, steps, threads))
+            figures = runs[name][-1]
+            print(f"round {round_index + 1}, {name}: {figures['tokens_per_s']:.0f} real tokens/s", file=sys.stderr)
     return runs
 
 
@@ -226,24 +229,22 @@ def main() -> None:
     steps, rounds, models = (2, 2, ["tiny"]) if args.quick else (args.steps, args.rounds, args.models)
     names = tuple(args.only or (QUICK if args.quick else SETUPS))
 
-    sections = []
+    command = "python benchmarks/train_throughput.py" + (" --quick" if args.quick else "")
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name in models:
+        for model_name in models:  # each model's section is written as soon as it is measured
             model = model_folder(model_name, Path(scratch))
             runs = run_rounds(names, model, steps, rounds, args.threads)
             summaries = {name: summarize(runs[name]) for name in names}
-            text = "\n".join([f"### {model_name} model", "", *table(summaries), "", *findings(summaries)])
-            print(text + "\n")
-            sections.append(text)
-    command = "python benchmarks/train_throughput.py" + (" --quick" if args.quick else "")
-    header = (
-        f"## train_throughput ({steps} steps per setup, micro-batch {MICRO_BATCH}, LoRA r {LORA['r']} all-linear, "
-        f"data/alpaca_sample.json; median of {rounds} interleaved rounds; `{command}`)\n\n"
-        f"{machine_line('torch', 'transformers', 'peft', 'trl')}; {args.threads} threads per process"
-        f"{'; ' + args.load if args.load else ''}\n\n"
-    )
-    write_section(args.results, "train_throughput", header + "\n\n".join(sections) + "\n")
-
+            text = "\n".join([*table(summaries), "", *findings(summaries)])
+            print(f"{model_name} model\n{text}\n")
+            header = (
+                f"## train_throughput, {model_name} model ({steps} steps per setup, micro-batch {MICRO_BATCH}, "
+                f"LoRA r {LORA['r']} all-linear, data/alpaca_sample.json; median of {rounds} interleaved rounds; "
+                f"`{command}`)\n\n"
+                f"{machine_line('torch', 'transformers', 'peft', 'trl')}; {args.threads} threads per process"
+                f"{'; ' + args.load if args.load else ''}\n\n"
+            )
+            write_section(args.results, f"train_throughput, {model_name} model", header + text + "\n")
 
 if __name__ == "__main__":
     main()

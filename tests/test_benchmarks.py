@@ -82,7 +82,7 @@ def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
         stated = out.split(f"- finetune / {baseline}: ")[1].split("x")[0]
         assert abs(float(stated) - ours / figures[baseline][0]) < 0.01  # the ratio line matches the table
     text = results.read_text()
-    assert "median of 2 interleaved rounds" in text and "## train_throughput (2 steps" in text
+    assert "median of 2 interleaved rounds" in text and "## train_throughput, tiny model (2 steps" in text
 
 
 def test_train_window_counts_real_and_trained_tokens_of_padded_and_padding_free_batches():
