@@ -182,6 +182,8 @@ def add_chunked_lm_head(model, budget_mib: int) -> None:
     trl_forward = model.forward
     budget = budget_mib * MiB
 
+    # the model's own signature: generate() checks its keyword arguments against it
+    @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or kwargs.get("output_router_logits"):  # MoE auxiliary losses: TRL's head has them
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
