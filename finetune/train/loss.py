@@ -7,9 +7,10 @@ fixed tiles of up to 4,096 tokens x 32,768 vocabulary entries (512 MiB in float3
 for a 1,024-entry vocabulary), several tile-sized temporaries at once, and on devices without Triton it
 scores the prompt positions whose labels are ignored too.
 
-`ChunkedNextTokenLoss` scores only the labelled positions, in chunks of whole-vocabulary rows no larger
-than a byte budget, keeps per token only the log-sum-exp, and recomputes each chunk's logits in the
-backward pass, where it turns them into their gradient in place. `add_chunked_lm_head` puts it behind
+`ChunkedNextTokenLoss` scores only the labelled positions, in float32 tiles of tokens x up to 8,192
+vocabulary entries no larger than a byte budget, folded into a running log-sum-exp (the online softmax),
+keeps per token only that log-sum-exp, and recomputes each tile in the backward pass, where it turns it
+into its gradient in place. `add_chunked_lm_head` puts it behind
 the same `fused_lm_head=True` call that SFTTrainer.compute_loss makes, so the trainer is configured,
 not subclassed; every other call (generation, merge checks) runs the model's own forward.
 """
