@@ -5,7 +5,12 @@ writes one run folder; silent fallbacks are refused before launching."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +20,13 @@ from safetensors.torch import load_file
 from finetune.cli import main
 from finetune.errors import InputError
 from finetune.recipe.load import load_recipe
+from finetune.train.callbacks import HANG_AT_SAVE_ENV
+from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.launch import check_launch, read_accelerate_config
 from finetune.train.run_dir import RunDir
 
 from conftest import REPO
+from test_train_resume import losses, wait_for
 
 CONFIGS = REPO / "accelerate_configs"
 FSDP_CONFIGS = ("fsdp.yaml", "fsdp_qlora.yaml", "multi_node.yaml")
@@ -149,3 +157,45 @@ def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, t
         capsys.readouterr().err
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(write_recipe, tmp_path):
+    config_path = tmp_path / "cpu_ddp.yaml"
+    config_path.write_text(
+        yaml.safe_dump(yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()})
+    )
+    train = {"max_steps": 6, "save_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
+    recipes = {
+        name: write_recipe(
+            f"{name}.yaml", train=train, data={"max_rows": 32}, output={"dir": str(tmp_path / name), "tensorboard": False}
+        )
+        for name in ("whole", "resumed")
+    }
+    assert main(["run", str(recipes["whole"]), "--accelerate-config", str(config_path)]) == 0
+
+    resumed = tmp_path / "resumed"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(recipes["resumed"]), "--accelerate-config", str(config_path)],
+        cwd=REPO,
+        env={**os.environ, HANG_AT_SAVE_ENV: "6"},  # checkpoint-6 is written but never marked complete
+        start_new_session=True,  # its own process group: the launcher and both training processes die together
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoint = resumed / "checkpoints" / "checkpoint-{}"
+    wait_for(
+        lambda: (Path(str(checkpoint).format(3)) / COMPLETE_MARKER).is_file() and Path(str(checkpoint).format(6)).is_dir(),
+        launcher,
+    )
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    assert not (resumed / "summary.json").exists() and not (resumed / "adapter").exists()  # it never finished
+
+    assert main(["run", str(recipes["resumed"]), "--accelerate-config", str(config_path), "--resume"]) == 0
+    whole, again = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in recipes)
+    assert whole.keys() == again.keys() and len(whole) > 0
+    for name in whole:
+        assert again[name].equal(whole[name]), name  # gloo all-reduce on CPU is deterministic
+    assert losses(resumed) == losses(tmp_path / "whole") and sorted(losses(resumed)) == list(range(1, 7))
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 6
