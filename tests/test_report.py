@@ -15,6 +15,8 @@ from finetune.report.html import build_report
 from finetune.report.runs import read_run
 from finetune.train.run_dir import read_metrics
 
+from conftest import require
+
 PNG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -164,9 +166,10 @@ def test_report_of_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium")
 def test_the_report_renders_in_a_headless_browser(finished_run, tmp_path):
     from PIL import Image
+
+    require(CHROMIUM is not None, "Debian's chromium is not installed (apt-get install chromium)")
 
     shot = tmp_path / "report.png"
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,2600"]
@@ -177,3 +180,12 @@ def test_the_report_renders_in_a_headless_browser(finished_run, tmp_path):
     # drawn rows (text, axes, curves) all the way down the first screens, not a blank or error page
     rows = np.asarray(image) < 200
     assert rows[:1300].any(axis=1).mean() > 0.3 and rows[1300:].any(axis=1).mean() > 0.3
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_optional_tool_skips_the_test_but_fails_it_under_ci(ci, monkeypatch):
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="chromium is not installed"):
+        require(False, "chromium is not installed")
+    require(True, "chromium is not installed")  # present: the test goes on
