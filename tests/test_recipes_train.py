@@ -95,7 +95,8 @@ def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tm
 
     greedy = {"attention_mask": torch.ones_like(PROMPT), "max_new_tokens": 5, "do_sample": False, "use_cache": True}
     with torch.no_grad():
-        assert reloaded.generate(input_ids=PROMPT, **greedy).tolist() == trained.generate(input_ids=PROMPT, **greedy).tolist()
+        generated = reloaded.generate(input_ids=PROMPT, **greedy)
+        assert generated.tolist() == trained.generate(input_ids=PROMPT, **greedy).tolist()
 
 
 @pytest.mark.parametrize("factor", [0.0, 2.0], ids=["update dropped", "update doubled"])
