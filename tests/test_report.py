@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from finetune.cli import main
 from finetune.report import plots
@@ -88,6 +89,36 @@ def test_the_summary_counts_real_and_padded_tokens_and_peak_memory(finished_run)
     assert summary["padding_share"] == pytest.approx(1 - summary["tokens_seen"] / summary["tokens_processed"], abs=1e-4)
     assert 0 < summary["padding_share"] < 1  # packing: none pads rows of different lengths to the longest
     assert summary["peak_rss_mib"] > 0 and last["peak_rss_mib"] > 0
+
+
+def test_sample_generations_are_the_greedy_answers_of_the_run_reloaded_with_plain_peft(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data.build import build_datasets
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(finished_run / "recipe.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(finished_run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path)
+    model = PeftModel.from_pretrained(base, finished_run / "adapter").eval()
+    held_out = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval[:2]
+    prompts = [s.input_ids[: s.completion_mask.index(1)] for s in held_out]
+    longest_reference = max(sum(s.completion_mask) for s in held_out)  # one trained span per Alpaca sample
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=min(longest_reference + 8, 96),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        expected.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+    samples = json.loads((finished_run / "samples.json").read_text())["samples"]
+    assert [sample["generated"] for sample in samples] == expected and all(expected)  # not two empty answers
 
 
 def test_samples_show_held_out_prompts_next_to_their_references(finished_run):
