@@ -125,7 +125,7 @@ def test_a_file_of_prompts_is_answered_in_order(tiny_run, tmp_path, capsys):
     assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = plain_model(run, read_run_recipe(run))
     expected = []
     for number, row in enumerate([*rows, QUESTION], start=1):
         answer = greedy_ids(model, tokenizer, prompt_ids(tokenizer, "alpaca", row), 4)
