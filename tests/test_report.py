@@ -13,8 +13,7 @@ import torch
 from finetune.cli import main
 from finetune.report import plots
 from finetune.report.html import build_report
-from finetune.report.runs import read_run
-from finetune.train.run_dir import read_metrics
+from finetune.run_folder import read_metrics, read_run
 
 from conftest import require
 

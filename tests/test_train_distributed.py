@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from finetune.cli import main
 from finetune.errors import InputError
 from finetune.recipe.load import load_recipe
+from finetune.run_folder import RunDir
 from finetune.train.callbacks import HANG_AT_SAVE_ENV
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.launch import check_launch, read_accelerate_config
-from finetune.train.run_dir import RunDir
 
 from conftest import REPO
 from test_train_resume import losses, wait_for
