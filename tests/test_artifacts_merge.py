@@ -103,8 +103,9 @@ def test_sharded_base_gives_sharded_merge(write_recipe, tiny_model_dir, tmp_path
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")  # dtype from config.json
     assert model.dtype == torch.bfloat16
     ids = prompt_ids(run_dir)
-    adapter, _ = adapter_and_base_logits(run_dir, base, ids)
-    assert (logits(model, ids).float() - adapter).abs().max() < 0.05 * adapter.abs().max()
+    adapter, untrained = adapter_and_base_logits(run_dir, base, ids)
+    # bfloat16 rounding, held against the adapter's own effect: a merge without the update is off by all of it
+    assert (logits(model, ids).float() - adapter).abs().max() < 0.2 * (adapter - untrained).abs().max()
 
 
 def _header_bytes(path) -> int:
