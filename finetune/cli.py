@@ -149,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
     plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    from finetune.model.shape import KNOWN_SHAPES  # sizes only: no torch
+
     plan.add_argument(
-        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+        "--model-params",
+        choices=tuple(KNOWN_SHAPES),
+        metavar="SHAPE",
+        help=f"plan for a published shape instead of the recipe's model: {', '.join(KNOWN_SHAPES)} "
+        "(7B..65B are LLaMA-1)",
     )
     add_merge_verb(verb)
     return parser
