@@ -146,7 +146,8 @@ def test_preview_shows_each_family_template_with_its_end_of_turn_trained(
 ):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"conversations": ["What is 2 + 2?", "It is 4.", "And 3 + 3?", "That is 6."]}) + "\n")
-    path = write_recipe(model={"name_or_path": str(family_model_dir(family))}, data={"format": "lima", "path": str(chat)})
+    model = {"name_or_path": str(family_model_dir(family))}
+    path = write_recipe(model=model, data={"format": "lima", "path": str(chat)})
     assert main(["preview", str(path), "-n", "1"]) == 0
     body = capsys.readouterr().out.split("\n", 1)[1]
     answer, following = PREVIEW_TURN[family]
