@@ -185,10 +185,17 @@ def add_merge_verb(verb) -> None:
 
 def cmd_merge(args) -> int:
     from finetune.artifacts.merge import merge_run
+    from finetune.quiet import quiet_libraries
 
-    merge_run(
-        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
-    )
+    with quiet_libraries():
+        merge_run(
+            args.run_dir,
+            out=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     return 0
 
 
@@ -372,9 +379,12 @@ def cmd_generate(args) -> int:
     from finetune.eval.generate import Sampling, generate
     from finetune.eval.prompts import read_prompts
 
+    from finetune.quiet import quiet_libraries
+
     rows = read_prompts(args.prompt, args.file)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    generate(args.target, rows, sampling, prompt_format=args.format)
+    with quiet_libraries():
+        generate(args.target, rows, sampling, prompt_format=args.format)
     return 0
 
 
@@ -393,7 +403,10 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return EXPORT_FORMATS[args.format](args)
+    from finetune.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return EXPORT_FORMATS[args.format](args)
 
 
 def cmd_export_adapter(args) -> int:
