@@ -361,6 +361,7 @@ def cmd_data_goat(args) -> int:
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
     from finetune.model.tiny import TinyShape, build_tiny
+    from finetune.quiet import quiet_libraries
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
@@ -370,7 +371,8 @@ def cmd_tiny_model(args) -> int:
         num_hidden_layers=args.layers,
         initializer_range=args.init_std,
     )
-    out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
+    with quiet_libraries():
+        out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
     print(f"tiny {args.family} model written to {out}")
     return 0
 
