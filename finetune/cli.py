@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(handler=cmd_data_stats)
     tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random model + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
+    from finetune.model.tiny import FAMILIES  # names only: the builders import torch when called
+
     tiny.add_argument(
         "--family",
-        choices=("llama", "llama3", "mistral", "qwen2"),
+        choices=FAMILIES,
         default="llama",
         help="llama (LLaMA-1/2, SentencePiece), llama3 (Llama-3.1, byte-level BPE), mistral, qwen2 (Qwen2.5, "
         "ChatML) (default llama)",
