@@ -13,7 +13,7 @@ from finetune.errors import InputError
 from finetune.model.load import ensure_pad_token, load_model, load_tokenizer
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import ModelSpec
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 from finetune.train.trainer import build_trainer
 
 from conftest import REPO
