@@ -131,8 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key")
     stats.add_argument("--debug", action="store_true", help="show the traceback of errors")
     stats.set_defaults(handler=cmd_data_stats)
-    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
+    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random model + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
+    from finetune.model.tiny import FAMILIES  # names only: the builders import torch when called
+
+    tiny.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llama",
+        help="llama (LLaMA-1/2, SentencePiece), llama3 (Llama-3.1, byte-level BPE), mistral, qwen2 (Qwen2.5, "
+        "ChatML) (default llama)",
+    )
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
@@ -142,8 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
     plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    from finetune.model.shape import KNOWN_SHAPES  # sizes only: no torch
+
     plan.add_argument(
-        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+        "--model-params",
+        choices=tuple(KNOWN_SHAPES),
+        metavar="SHAPE",
+        help=f"plan for a published shape instead of the recipe's model: {', '.join(KNOWN_SHAPES)} "
+        "(7B..65B are LLaMA-1)",
     )
     add_merge_verb(verb)
     return parser
@@ -175,10 +190,17 @@ def add_merge_verb(verb) -> None:
 
 def cmd_merge(args) -> int:
     from finetune.artifacts.merge import merge_run
+    from finetune.quiet import quiet_libraries
 
-    merge_run(
-        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
-    )
+    with quiet_libraries():
+        merge_run(
+            args.run_dir,
+            out=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     return 0
 
 
@@ -194,11 +216,12 @@ def cmd_plan(args) -> int:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from finetune.model.shape import LLAMA1_SHAPES, read_shape
+    from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape
     from finetune.train.plan import plan_report
 
     if args.model_params:
-        shape, model = LLAMA1_SHAPES[args.model_params], f"LLaMA-{args.model_params} shape"
+        name = f"LLaMA-{args.model_params}" if args.model_params in LLAMA1_SHAPES else args.model_params
+        shape, model = KNOWN_SHAPES[args.model_params], f"{name} shape"
     else:
         shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
     print(plan_report(recipe, args.recipe, shape, model, gpu_memory=args.gpu_memory, world_size=args.world_size))
@@ -342,7 +365,8 @@ def cmd_data_goat(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
-    from finetune.model.tiny import TinyShape, build_tiny_llama
+    from finetune.model.tiny import TinyShape, build_tiny
+    from finetune.quiet import quiet_libraries
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
@@ -352,7 +376,9 @@ def cmd_tiny_model(args) -> int:
         num_hidden_layers=args.layers,
         initializer_range=args.init_std,
     )
-    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
+    with quiet_libraries():
+        out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
+    print(f"tiny {args.family} model written to {out}")
     return 0
 
 
@@ -360,9 +386,12 @@ def cmd_generate(args) -> int:
     from finetune.eval.generate import Sampling, generate
     from finetune.eval.prompts import read_prompts
 
+    from finetune.quiet import quiet_libraries
+
     rows = read_prompts(args.prompt, args.file)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    generate(args.target, rows, sampling, prompt_format=args.format)
+    with quiet_libraries():
+        generate(args.target, rows, sampling, prompt_format=args.format)
     return 0
 
 
@@ -381,7 +410,10 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return EXPORT_FORMATS[args.format](args)
+    from finetune.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return EXPORT_FORMATS[args.format](args)
 
 
 def cmd_export_adapter(args) -> int:

@@ -1,4 +1,4 @@
-"""Every shipped Alpaca recipe trains a few steps on the tiny LLaMA (via overrides), and its run folder's
+"""Every shipped recipe trains a few steps on the tiny model of its family (via overrides), and its run folder's
 adapter or model reloads with plain peft/transformers and gives the logits of the end of training, to within a
 small share of how far training moved them (a reload that lost or scaled the update fails: see the last test)."""
 
@@ -18,11 +18,17 @@ from finetune.recipe.load import load_recipe
 
 from conftest import REPO, SAMPLE_DATA
 
-# Every recipe for a real model (the quickstart has its own test), shrunk to the tiny LLaMA by overrides.
+# Every recipe for a real model (the quickstart has its own test), shrunk by overrides to the tiny model of
+# its family: the file name starts with the family of its base.
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if p.name != "quickstart.yaml")
+FAMILY_OF_PREFIX = {"llama3_": "llama3", "qwen2.5_": "qwen2", "mistral_": "mistral"}
 PROMPT = torch.tensor([[1] + list(range(20, 60))])
 # largest |reloaded - trained| logit error, as a share of how far training moved the logits (quantized or not)
 RELOAD_SHARE = {False: 1e-3, True: 1e-2}
+
+
+def family_of(recipe_name: str) -> str:
+    return next((family for prefix, family in FAMILY_OF_PREFIX.items() if recipe_name.startswith(prefix)), "llama")
 
 
 def reload_artifact(run_dir, recipe):
@@ -37,11 +43,11 @@ def reload_artifact(run_dir, recipe):
     return PeftModel.from_pretrained(base, run_dir / "adapter")
 
 
-def untrained_logits(reloaded, tiny_model_dir, recipe) -> torch.Tensor:
+def untrained_logits(reloaded, recipe) -> torch.Tensor:
     """What the model gave before training: the adapter switched off, or the base a full run started from."""
     with torch.no_grad():
         if recipe.adapter.kind == "none":
-            return AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=PROMPT).logits
+            return AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path)(input_ids=PROMPT).logits
         with reloaded.disable_adapter():
             return reloaded(input_ids=PROMPT).logits
 
@@ -62,12 +68,12 @@ def assert_reproduces_training(actual, expected, untrained, recipe) -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def train_shrunk(name: str, tiny_model_dir, tmp_path):
-    """A shipped recipe trained 3 steps on the tiny LLaMA: the run's result."""
+def train_shrunk(name: str, model_dir, tmp_path):
+    """A shipped recipe trained 3 steps on a tiny model (`model_dir`): the run's result."""
     data = load_recipe(f"recipes/{name}").data
     sample = {"alpaca": f"data.path={SAMPLE_DATA}", "lima": f"data.path={REPO / 'data' / 'lima_sample.jsonl'}"}
     overrides = [
-        f"model.name_or_path={tiny_model_dir}",
+        f"model.name_or_path={model_dir}",
         "data.goat.n=64" if data.goat is not None else sample[data.format],
         "data.max_seq_len=512",
         "train.max_steps=3",
@@ -78,9 +84,9 @@ def train_shrunk(name: str, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tmp_path, monkeypatch):
+def test_shipped_recipe_trains_and_its_artifact_reloads(name, family_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    result = train_shrunk(name, tiny_model_dir, tmp_path)
+    result = train_shrunk(name, family_model_dir(family_of(name)), tmp_path)
     run_dir = result.path
     recipe = load_recipe(run_dir / "recipe.yaml")  # the run folder alone says how to reload
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -91,7 +97,7 @@ def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tm
     trained.eval(), reloaded.eval()
     with torch.no_grad():
         expected, actual = trained(input_ids=PROMPT).logits, reloaded(input_ids=PROMPT).logits
-    assert_reproduces_training(actual, expected, untrained_logits(reloaded, tiny_model_dir, recipe), recipe)
+    assert_reproduces_training(actual, expected, untrained_logits(reloaded, recipe), recipe)
 
     greedy = {"attention_mask": torch.ones_like(PROMPT), "max_new_tokens": 5, "do_sample": False, "use_cache": True}
     with torch.no_grad():
@@ -113,7 +119,7 @@ def test_a_reloaded_qlora_adapter_with_a_wrong_update_fails_the_reload_check(
     trained = result.model.eval()
     with torch.no_grad():
         expected, actual = trained(input_ids=PROMPT).logits, reloaded(input_ids=PROMPT).logits
-    untrained = untrained_logits(reloaded, tiny_model_dir, recipe)
+    untrained = untrained_logits(reloaded, recipe)
     with pytest.raises(AssertionError):
         assert_reproduces_training(actual, expected, untrained, recipe)
     if factor == 0:  # the absolute tolerance this check replaced takes the untrained model for the trained one
