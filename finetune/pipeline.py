@@ -24,14 +24,31 @@ class RunResult:
     model: object  # the trained model, still in memory
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: Echo = print) -> RunResult:
+def run(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force_unlock: bool = False, echo: Echo = print
+) -> RunResult:
     """Train the recipe and write its run folder, or continue it from its newest complete checkpoint.
 
+    output.dir is claimed first (finetune/lock.py), so a second command on the same folder is refused before
+    it looks at the folder, and released however the run ends.
+
     Raises:
-        InputError: bad output folder, tokenizer, data or model, or a run folder that this recipe cannot
-            resume (nothing written yet).
+        InputError: output.dir is claimed by another command; bad output folder, tokenizer, data or model, or a
+            run folder that this recipe cannot resume (nothing written yet).
         Interrupted: Ctrl-C; a checkpoint was saved first.
     """
+    from finetune.lock import claim
+    from finetune.train.run_dir import is_main_process
+
+    if not is_main_process():  # it writes nothing to the folder
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+    # under a launch, the main process writes under the claim of the command that launched it
+    with claim(recipe.output.dir, subject="output.dir", force_unlock=force_unlock, echo=echo):
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+
+
+def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) -> RunResult:
+    """`run`, once output.dir is claimed."""
     from transformers import set_seed
 
     from finetune.model.adapters import count_parameters, wrap_adapter
@@ -162,10 +179,9 @@ def guard_writes(write: Callable[[], object], run_dir, trainer, started: float, 
     RuntimeError, safetensors as a SafetensorError. `saving` names the folder `write` writes, if it is known.
 
     Raises:
-        FinetuneError: the failure, explained; summary.json says the run failed.
+        FinetuneError: the failure, explained (with the free space where space is short); summary.json says the
+            run failed.
     """
-    import shutil
-
     from finetune.errors import FinetuneError
     from finetune.train.checkpoints import is_complete, scan_checkpoints
     from finetune.train.resume import resume_hint
@@ -180,16 +196,18 @@ def guard_writes(write: Callable[[], object], run_dir, trainer, started: float, 
         target = saving or (checkpoint if checkpoint.is_dir() else run_dir.path)
         run_dir.write_json(run_dir.summary, stopped_summary(error, state, time.time() - started))
         intact = scan_checkpoints(run_dir.checkpoints).complete
+        # the advice about space only where space is short: a rename onto a folder that another process
+        # wrote first (errno 39) is not a full disk
+        shortage = run_dir.lack_of_space(error)
+        when = "once there is room, " if shortage else ""
         kept = (
-            f"the newest complete checkpoint, {intact.name}, is intact; once there is room, resume with: "
-            f"{resume_hint(run_dir.path)}"
+            f"the newest complete checkpoint, {intact.name}, is intact; {when}resume with: {resume_hint(run_dir.path)}"
             if intact
             else "no checkpoint had been completed"
         )
-        free = shutil.disk_usage(run_dir.path).free / 2**20
         raise FinetuneError(
             f"writing {target} failed at step {state.global_step} ({type(error).__name__}: "
-            f"{_first_line(error)}); {free:.0f} MiB free there; {kept}"
+            f"{_first_line(error)}); {f'{shortage}; ' if shortage else ''}{kept}"
         ) from error
 
 
@@ -334,14 +352,17 @@ def prepare_data(recipe: Recipe):
     return tokenizer, build_datasets(recipe.data, tokenizer, recipe.train.seed)
 
 
-def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: Echo = print):
+def evaluate(
+    run_path: str | Path, *, n: int = 500, batch_size: int = 32, force_unlock: bool = False, echo: Echo = print
+):
     """Score a finished Goat run by exact match on held-out problems; writes eval.json into its folder.
 
     Raises:
-        InputError: not a run folder, or not a Goat run.
+        InputError: not a run folder, not a Goat run, or the folder is claimed by another command.
     """
     from finetune.errors import InputError
     from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.lock import claim
     from finetune.model.load import pick_device
     from finetune.train.run_dir import RunDir
 
@@ -353,8 +374,9 @@ def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: 
             f"{run_dir.path}: finetune eval scores exact match for data.format: goat runs; this run's data.format "
             f"is {', '.join(formats)} (its eval loss is in metrics.jsonl)"
         )
-    model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
-    return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
+    with claim(run_dir.path, subject=None, force_unlock=force_unlock, echo=echo):
+        model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
+        return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
 
 
 def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batch_size: int, echo: Echo):

@@ -40,6 +40,7 @@ def merge_run(
     device: str = "cpu",
     overwrite: bool = False,
     verify: bool = True,
+    force_unlock: bool = False,
     echo: Echo = print,
 ) -> MergeResult:
     """Merge a LoRA (or QLoRA) run's adapter into its base model and write the result to `out`.
@@ -51,18 +52,31 @@ def merge_run(
         device: where the merge arithmetic (and the check) runs: cpu or cuda.
         overwrite: replace a non-empty `out`.
         verify: compare the merged model's logits with the adapter model's before keeping the result.
+        force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: not a LoRA run, no adapter, `out` not empty, base weights not found.
+        InputError: not a LoRA run, no adapter, `out` not empty or claimed by another command, base weights
+            not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
     from finetune.eval.generate import read_run_recipe
+    from finetune.lock import claim
     from finetune.train.run_dir import RunDir
 
     run_dir = RunDir(Path(run_path))
     recipe = read_run_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
+    with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
+        return write_merge(
+            run_dir, recipe, target, overwrite=overwrite, dtype=dtype, device=device, verify=verify, echo=echo
+        )
+
+
+def write_merge(
+    run_dir, recipe: Recipe, target: Path, *, overwrite: bool, dtype: str | None, device: str, verify: bool, echo: Echo
+) -> MergeResult:
+    """`merge_run`, once `target` is claimed."""
     claim_output(target, overwrite)
     dtype_name = dtype or output_dtype_name(recipe, device)
     if recipe.quant is not None:

@@ -16,6 +16,7 @@ report.html        the run on one page: curves, tables, samples (plots/*.png hol
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -28,11 +29,17 @@ from importlib import metadata
 from pathlib import Path
 
 from finetune.errors import InputError
+from finetune.lock import CLAIM_NAME
 
 # The layout of a run folder, recorded in environment.json. A folder written in another layout is refused
 # by the commands that read one (eval, resume), rather than misread. Folders without it predate it and
 # are read as layout 1.
 RUN_FORMAT = 1
+
+# errno values of a write that failed for lack of space: disk full, quota exceeded, file size limit
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Under this much free space, a write that failed without saying why is taken to have filled the disk.
+LOW_SPACE = 64 * 2**20
 
 TRACKED_PACKAGES = (
     "finetune",
@@ -105,7 +112,7 @@ class RunDir:
             return run
         if run.path.exists() and not run.path.is_dir():
             raise InputError(f"output.dir: {run.path} exists and is not a folder")
-        if run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
+        if run.path.is_dir() and any(p.name != CLAIM_NAME for p in run.path.iterdir()) and not overwrite:
             raise InputError(
                 f"output.dir: {run.path} is not empty; pass --overwrite to replace it, or choose another output.dir"
             )
@@ -116,12 +123,12 @@ class RunDir:
         return run
 
     def create(self) -> list[str]:
-        """Make the (empty) folder, removing a previous run's files; returns what was removed."""
+        """Make the (empty) folder, removing a previous run's files (not the claim); returns what was removed."""
         removed = []
         if not is_main_process():
             return removed
         if self.path.is_dir():
-            for child in sorted(self.path.iterdir()):
+            for child in sorted(p for p in self.path.iterdir() if p.name != CLAIM_NAME):
                 removed.append(child.name)
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -140,6 +147,26 @@ class RunDir:
                 "checkpoints and final weights. Free some space or choose another output.dir"
             )
 
+    def lack_of_space(self, error: BaseException) -> str | None:
+        """What was short when a write into the folder failed with `error`, or None when space was not the cause.
+
+        The cause is read from the errno of an OSError in the exception chain, or from its text (safetensors
+        says "os error 28"). torch.save reports a full disk as a RuntimeError without either; such an error
+        counts as a lack of space when one is measured: little free space left, or a file size limit.
+        """
+        chain = _exception_chain(error)
+        codes = {e.errno for e in chain if isinstance(e, OSError) and e.errno}
+        codes |= {code for code in SPACE_ERRNOS for e in chain if os.strerror(code) in str(e)}
+        if codes and not codes & set(SPACE_ERRNOS):
+            return None  # an error of another kind, e.g. a rename onto a folder another process wrote
+        limit = _file_size_limit()
+        if limit is not None and (errno.EFBIG in codes or not codes):
+            return f"files may not grow past {limit:,} bytes here (ulimit -f)"
+        free = shutil.disk_usage(self.nearest_existing_folder()).free
+        if codes or free < LOW_SPACE:
+            return f"{free / 2**20:.0f} MiB free there"
+        return None
+
     def write_json(self, target: Path, payload: dict) -> None:
         """Write JSON atomically: a reader never sees a half-written file. Only the main process writes."""
         if not is_main_process():
@@ -154,6 +181,25 @@ class RunDir:
         partial = target.with_name(target.name + ".partial")
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)
+
+
+def _exception_chain(error: BaseException | None) -> list[BaseException]:
+    """`error`, the error it was raised from (or during), and so on."""
+    chain = []
+    while error is not None and error not in chain and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (`ulimit -f`), or None without a limit."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 def environment_info(device: str) -> dict:
