@@ -284,28 +284,26 @@ def _same_file(fd: int, file: Path) -> bool:
 
 
 def _make_folders(folder: Path, where: str) -> list[Path]:
-    """Create `folder` and its missing parents; the ones created, outermost first.
+    """Create `folder` and its missing parents; those that were missing, outermost first: made for a claim,
+    by this process or another claiming at the same time, and removed by whichever holds the claim last.
 
     Raises:
         InputError: one of them cannot be created.
     """
     missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
-    made = []
     for level in missing:
         try:
-            level.mkdir()
-        except FileExistsError:
-            continue  # made by another process meanwhile
+            level.mkdir(exist_ok=True)
         except OSError as error:
-            _remove_empty(made)
+            _remove_empty(missing)
             nearest = next(p for p in [level, *level.parents] if p.exists())
             raise InputError(f"{where} cannot be written ({nearest}: {error.strerror})") from None
-        made.append(level)
-    return made
+    return missing
 
 
 def _remove_empty(made: list[Path]) -> None:
-    """Remove the folders made for a claim, innermost first, while they are empty."""
+    """Remove the folders made for a claim, innermost first, while they are empty (another process's claim may
+    be in them)."""
     for folder in reversed(made):
         try:
             folder.rmdir()
