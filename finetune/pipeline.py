@@ -1,7 +1,8 @@
 """recipe -> data -> model -> adapter -> train -> run folder.
 
 Everything that can fail on bad input (recipe, output folder, tokenizer, data rows, model folder)
-fails before the run folder is touched, so a failed command never changes an earlier run.
+fails before the run folder is touched, so a failed command never changes an earlier run. Only its
+claim (finetune/lock.py) comes first, and goes when the command ends.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ summary.json       status, wall time, first/last losses, parameter counts (and e
 eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
 samples.json       a few greedy generations next to their references (eval.samples)
 report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)
+.claim             only while a command writes the folder: which process (finetune/lock.py)
 """
 
 from __future__ import annotations
