@@ -243,8 +243,12 @@ def cmd_run(args) -> int:
     if args.accelerate_config:
         from finetune.train.launch import launch_run
 
-        flags = {"overwrite": args.overwrite, "resume": args.resume, "debug": args.debug}
-        flags["force_unlock"] = args.force_unlock
+        flags = {
+            "overwrite": args.overwrite,
+            "resume": args.resume,
+            "debug": args.debug,
+            "force_unlock": args.force_unlock,
+        }
         return launch_run(recipe, args.accelerate_config, args.recipe, args.overrides, **flags)
     from finetune.pipeline import run
 
