@@ -19,9 +19,9 @@ import pytest
 from finetune.cli import main
 from finetune.errors import InputError
 from finetune.lock import CLAIM_NAME, Holder, claim, claim_file, read_holder
+from finetune.run_folder import read_metrics
 from finetune.train.callbacks import HANG_AT_SAVE_ENV
 from finetune.train.checkpoints import COMPLETE_MARKER
-from finetune.train.run_dir import read_metrics
 
 from conftest import REPO
 
@@ -133,7 +133,7 @@ CHECKER = """
 import os, sys, time
 from pathlib import Path
 from finetune.errors import InputError
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
     RunDir.claim(sys.argv[1], overwrite=False)

@@ -1,11 +1,12 @@
-"""`finetune merge RUN_DIR`: a LoRA run's adapter folded into its base weights, as a plain transformers folder.
+"""`finetune merge RUN_DIR`: a LoRA or (IA)^3 run's adapter folded into its base weights, as a plain transformers
+folder.
 
 Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
-with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
-is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
-model. The output keeps the
-base's sharding, with an index when there is more than one file, plus config.json (dtype set),
-generation_config.json and the run's tokenizer. It is written to `OUT.partial`, checked (see
+with its update (read by the adapter kind's method, `model/methods/`) and written out before the next is
+read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
+where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
+when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
+tokenizer. It is written to `OUT.partial`, checked (see
 `artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
+from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
@@ -43,7 +45,7 @@ def merge_run(
     force_unlock: bool = False,
     echo: Echo = print,
 ) -> MergeResult:
-    """Merge a LoRA (or QLoRA) run's adapter into its base model and write the result to `out`.
+    """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
 
     Args:
         run_path: the run folder; its recipe.yaml names the base, its adapter/ holds the adapter.
@@ -55,16 +57,14 @@ def merge_run(
         force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: not a LoRA run, no adapter, `out` not empty or claimed by another command, base weights
-            not found.
+        InputError: a kind that cannot merge, no adapter, `out` not empty or claimed by another command, base
+            weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
-    from finetune.eval.generate import read_run_recipe
     from finetune.lock import claim
-    from finetune.train.run_dir import RunDir
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
@@ -74,10 +74,18 @@ def merge_run(
 
 
 def write_merge(
-    run_dir, recipe: Recipe, target: Path, *, overwrite: bool, dtype: str | None, device: str, verify: bool, echo: Echo
+    run_dir: RunDir,
+    recipe: Recipe,
+    target: Path,
+    *,
+    overwrite: bool,
+    dtype: str | None,
+    device: str,
+    verify: bool,
+    echo: Echo,
 ) -> MergeResult:
     """`merge_run`, once `target` is claimed."""
-    claim_output(target, overwrite)
+    claim_folder(target, overwrite=overwrite, key="--out")
     dtype_name = dtype or output_dtype_name(recipe, device)
     if recipe.quant is not None:
         echo(
@@ -85,53 +93,35 @@ def write_merge(
             "16-bit base weights, so the merged model's outputs differ slightly from the quantized model it "
             "trained with"
         )
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        base = base_folder(recipe)
-        shards = write_merged(run_dir.adapter, base, partial, dtype_name, device, echo)
-        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
-        max_diff = tolerance = None
-        if verify:
-            from finetune.artifacts.verify import check_merged
 
-            max_diff, tolerance = check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
-        install(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    def fill(partial: Path) -> tuple[int, float | None, float | None]:
+        base = base_folder(recipe)
+        shards = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
+        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
+        if not verify:
+            return shards, None, None
+        from finetune.artifacts.verify import check_merged
+
+        return shards, *check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
+
+    shards, max_diff, tolerance = write_folder(target, fill)
     echo(f"merged model ({dtype_name}, {shards} shard{'s' if shards > 1 else ''}) written to {target}")
     return MergeResult(target, dtype_name, shards, max_diff, tolerance)
 
 
-def check_mergeable(run_dir, recipe: Recipe) -> None:
-    """Only LoRA runs have low-rank updates to fold into the base.
+def check_mergeable(run_dir: RunDir, recipe: Recipe) -> None:
+    """Only kinds whose method can fold its update into the base weights merge (checked before any download).
 
     Raises:
-        InputError: a full fine-tuning, prefix or prompt tuning run, or a run with no adapter/.
+        InputError: a kind that cannot merge (full fine-tuning, prefix or prompt tuning), or no adapter/.
     """
-    kind = recipe.adapter.kind
-    if kind == "none":
-        raise InputError(
-            f"{run_dir.path}: a full fine-tuning run has nothing to merge; {run_dir.model} is already a whole "
-            "model that AutoModelForCausalLM.from_pretrained loads"
-        )
-    if kind in ("prefix", "prompt"):
-        raise InputError(
-            f"{run_dir.path}: {kind} tuning cannot be merged: it adds virtual tokens, not changes to base weights; "
-            f"`finetune export {run_dir.path} --format adapter` writes the adapter for use with peft"
-        )
+    from finetune.model.methods import method_of
+
+    method = method_of(recipe.adapter)
+    if method.read_merge is None:
+        raise InputError(method.merge_refusal.format(run=run_dir.path, artifact=run_dir.model))
     if not (run_dir.adapter / "adapter_config.json").is_file():
         raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
-
-
-def claim_output(target: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked to replace it (checked before any work)."""
-    if target.exists() and not target.is_dir():
-        raise InputError(f"--out: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"--out: {target} is not empty; pass --overwrite to replace it")
 
 
 def output_dtype_name(recipe: Recipe, device: str) -> str:
@@ -154,15 +144,17 @@ def base_folder(recipe: Recipe) -> Path:
     return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=patterns))
 
 
-def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo) -> int:
-    """Stream every base shard through the adapter into `out`; returns the number of shards written.
+def write_merged(
+    recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
+) -> int:
+    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`; returns the
+    number of shards written.
 
     Raises:
         InputError: the adapter changes a tensor the base checkpoint does not have.
     """
     import torch
 
-    from finetune.artifacts.lora import read_adapter
     from finetune.artifacts.shards import (
         ShardReader,
         ShardWriter,
@@ -171,8 +163,9 @@ def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, devi
         shard_names,
         write_index,
     )
+    from finetune.model.methods import method_of
 
-    adapter = read_adapter(adapter_dir, device=device)
+    adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
     shards = list_shards(base)
     missing = adapter.targets - {name for shard in shards for name in shard.names}
     if missing:
@@ -240,15 +233,3 @@ def _embedding_rows(shards) -> int | None:
             if name.endswith("embed_tokens.weight"):
                 return info["shape"][0]
     return None
-
-
-def install(partial: Path, target: Path) -> None:
-    """Put the finished folder in place; a previous `target` (with --overwrite) is removed only now."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old)
-    else:
-        partial.rename(target)

@@ -12,9 +12,9 @@ import pytest
 from transformers import TrainerState
 
 from finetune.errors import FinetuneError
-from finetune.pipeline import guard_writes
+from finetune.run_folder import RunDir
 from finetune.train.checkpoints import COMPLETE_MARKER, TRAINER_STATE
-from finetune.train.run_dir import RunDir
+from finetune.train.failures import guard_writes, lack_of_space
 
 
 @pytest.fixture
@@ -68,26 +68,28 @@ def test_a_full_disk_gives_the_free_space(run_dir):
 
 def test_the_cause_is_read_from_the_error_chain_and_its_text(run_dir):
     # safetensors says "os error 28" in a SafetensorError; torch.save raises a RuntimeError from an OSError
-    assert "MiB free there" in run_dir.lack_of_space(RuntimeError("I/O error: No space left on device (os error 28)"))
+    safetensors = RuntimeError("I/O error: No space left on device (os error 28)")
+    assert "MiB free there" in lack_of_space(safetensors, run_dir.path)
     try:
         try:
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
         except OSError as quota:
             raise RuntimeError("file write failed") from quota
     except RuntimeError as chained:
-        assert "MiB free there" in run_dir.lack_of_space(chained)
-    assert run_dir.lack_of_space(FileExistsError(errno.EEXIST, "File exists")) is None
+        assert "MiB free there" in lack_of_space(chained, run_dir.path)
+    assert lack_of_space(FileExistsError(errno.EEXIST, "File exists"), run_dir.path) is None
 
 
 def test_an_error_without_a_cause_is_a_lack_of_space_only_where_one_is_measured(run_dir, monkeypatch):
     silent = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch.save
-    assert run_dir.lack_of_space(silent) is None  # the disk of the tests has room and files have no size limit
-    monkeypatch.setattr("finetune.train.run_dir.LOW_SPACE", 2**62)
-    assert re.fullmatch(r"\d+ MiB free there", run_dir.lack_of_space(silent))
+    assert lack_of_space(silent, run_dir.path) is None  # the disk of the tests has room, files no size limit
+    monkeypatch.setattr("finetune.train.failures.LOW_SPACE", 2**62)
+    assert re.fullmatch(r"\d+ MiB free there", lack_of_space(silent, run_dir.path))
     monkeypatch.undo()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (10**12, hard))
     try:
-        assert run_dir.lack_of_space(silent) == "files may not grow past 1,000,000,000,000 bytes here (ulimit -f)"
+        limited = lack_of_space(silent, run_dir.path)
+        assert limited == "files may not grow past 1,000,000,000,000 bytes here (ulimit -f)"
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
