@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue output.dir (or RECIPE given as a run folder) from its newest complete checkpoint",
     )
+    add_force_unlock(run)
     run.add_argument(
         "--accelerate-config",
         metavar="FILE",
@@ -71,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=500, help="held-out problems to score (default 500)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    add_force_unlock(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
     report = verb(
         "report", cmd_report, "write RUN_DIR/report.html and RUN_DIR/plots/ from the run's files", recipe=False
     )
     report.add_argument("run_dir", metavar="RUN_DIR")
+    add_force_unlock(report)
     runs = verb("runs", cmd_runs, "list run folders: method, base, steps, losses, exact match, status", recipe=False)
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder holding run folders (default runs)")
     compare = verb(
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_force_unlock(export)
     gen = verb("generate", cmd_generate, "answer prompts with a trained run or a model folder", recipe=False)
     gen.add_argument("target", metavar="RUN_DIR|MODEL_DIR", help="a run folder, an exported or merged folder")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -164,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_force_unlock(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over the claim on the folder this command writes, left by a process on another machine "
+        "(see Interrupted runs in README.md)",
+    )
+
+
 def add_merge_verb(verb) -> None:
     merge = verb(
         "merge",
@@ -180,6 +193,7 @@ def add_merge_verb(verb) -> None:
     )
     merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_force_unlock(merge)
     merge.add_argument(
         "--no-verify",
         dest="verify",
@@ -200,6 +214,7 @@ def cmd_merge(args) -> int:
             device=args.device,
             overwrite=args.overwrite,
             verify=args.verify,
+            force_unlock=args.force_unlock,
         )
     return 0
 
@@ -251,11 +266,16 @@ def cmd_run(args) -> int:
     if args.accelerate_config:
         from finetune.train.launch import launch_run
 
-        flags = {"overwrite": args.overwrite, "resume": args.resume, "debug": args.debug}
+        flags = {
+            "overwrite": args.overwrite,
+            "resume": args.resume,
+            "debug": args.debug,
+            "force_unlock": args.force_unlock,
+        }
         return launch_run(recipe, args.accelerate_config, args.recipe, args.overrides, **flags)
     from finetune.pipeline import run
 
-    result = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    result = run(recipe, overwrite=args.overwrite, resume=args.resume, force_unlock=args.force_unlock)
     from finetune.run_folder import is_main_process
 
     if not is_main_process():
@@ -294,16 +314,16 @@ def cmd_eval(args) -> int:
     from finetune.eval.exact_match import evaluate
     from finetune.eval.goat import format_table
 
-    result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
+    result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size, force_unlock=args.force_unlock)
     print(format_table(result))
     print(f"written to {args.run_dir}/eval.json")
     return 0
 
 
 def cmd_report(args) -> int:
-    from finetune.report.html import build_report
+    from finetune.report.html import write_report
 
-    print(f"report: {build_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, force_unlock=args.force_unlock)}")
     return 0
 
 
@@ -385,7 +405,6 @@ def cmd_tiny_model(args) -> int:
 def cmd_generate(args) -> int:
     from finetune.eval.generate import Sampling, generate
     from finetune.eval.prompts import read_prompts
-
     from finetune.quiet import quiet_libraries
 
     rows = read_prompts(args.prompt, args.file)
@@ -419,7 +438,7 @@ def cmd_export(args) -> int:
 def cmd_export_adapter(args) -> int:
     from finetune.artifacts.export import export_adapter
 
-    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite)
+    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite, force_unlock=args.force_unlock)
     if result.whole_model:
         print("full fine-tuning run (adapter.kind: none): it has no adapter, so the whole model is exported")
     print(f"exported {len(result.files)} files to {result.path}: {', '.join(result.files)}")
@@ -429,7 +448,9 @@ def cmd_export_adapter(args) -> int:
 def cmd_export_gguf(args) -> int:
     from finetune.artifacts.gguf import export_gguf
 
-    export_gguf(args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite)
+    export_gguf(
+        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+    )
     return 0
 
 

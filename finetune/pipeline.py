@@ -1,9 +1,10 @@
 """recipe -> data -> model -> adapter -> train -> run folder: the order of the steps, and nothing else.
 
 Everything that can fail on bad input (recipe, output folder, tokenizer, data rows, model folder)
-fails before the run folder is touched, so a failed command never changes an earlier run. What each
-step does lives in its package: the run folder in `run_folder.py`, batch sizing, training, write
-failures, summaries and the saved artifact in train/, exact match in eval/, report.html in report/.
+fails before the run folder is touched, so a failed command never changes an earlier run; only its
+claim (finetune/lock.py) comes first, and goes when the command ends. What each step does lives in its
+package: the run folder in `run_folder.py`, batch sizing, training, write failures, summaries and the
+saved artifact in train/, exact match in eval/, report.html in report/.
 """
 
 from __future__ import annotations
@@ -28,14 +29,31 @@ class RunResult:
     model: object  # the trained model, still in memory
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: Echo = print) -> RunResult:
+def run(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force_unlock: bool = False, echo: Echo = print
+) -> RunResult:
     """Train the recipe and write its run folder, or continue it from its newest complete checkpoint.
 
+    output.dir is claimed first (finetune/lock.py), so a second command on the same folder is refused before
+    it looks at the folder, and released however the run ends.
+
     Raises:
-        InputError: bad output folder, tokenizer, data or model, or a run folder that this recipe cannot
-            resume (nothing written yet).
+        InputError: output.dir is claimed by another command; bad output folder, tokenizer, data or model, or a
+            run folder that this recipe cannot resume (nothing written yet).
         Interrupted: Ctrl-C; a checkpoint was saved first.
     """
+    from finetune.lock import claim
+    from finetune.run_folder import is_main_process
+
+    if not is_main_process():  # it writes nothing to the folder
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+    # under a launch, the main process writes under the claim of the command that launched it
+    with claim(recipe.output.dir, subject="output.dir", force_unlock=force_unlock, echo=echo):
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+
+
+def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) -> RunResult:
+    """`run`, once output.dir is claimed."""
     from transformers import set_seed
 
     from finetune.model.adapters import count_parameters, wrap_adapter

@@ -15,8 +15,9 @@ summary.json       status, wall time, first/last losses, parameter counts (and e
 eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
 samples.json       a few greedy generations next to their references (eval.samples)
 report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)
+.claim             only while a command writes the folder: which process (finetune/lock.py)
 
-Imports recipe/ and errors only, so any package may use it without importing a sibling.
+Imports recipe/, lock and errors only, so any package may use it without importing a sibling.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TypeVar
 import yaml
 
 from finetune.errors import InputError
+from finetune.lock import CLAIM_NAME
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
 
@@ -88,12 +90,12 @@ class RunDir:
         return run
 
     def create(self) -> list[str]:
-        """Make the (empty) folder, removing a previous run's files; returns what was removed."""
+        """Make the (empty) folder, removing a previous run's files (not the claim); returns what was removed."""
         removed = []
         if not is_main_process():
             return removed
         if self.path.is_dir():
-            for child in sorted(self.path.iterdir()):
+            for child in sorted(p for p in self.path.iterdir() if p.name != CLAIM_NAME):
                 removed.append(child.name)
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,9 @@ class RunDir:
 
 def claim_folder(target: Path, *, overwrite: bool, key: str, protect: RunDir | None = None) -> None:
     """Check, without writing anything, that `target` may be filled: the one refusal of every output folder
-    (a run's output.dir, `finetune merge --out`, `finetune export --out`).
+    (a run's output.dir, `finetune merge --out`, `finetune export --out`). The command holds the folder's
+    claim (finetune/lock.py) first, so that no other command fills it between this check and its writes;
+    the claim file in a run folder does not count as content.
 
     Args:
         target: the folder a command will write.
@@ -140,7 +144,7 @@ def claim_folder(target: Path, *, overwrite: bool, key: str, protect: RunDir | N
         raise InputError(f"{key}: {target} would overwrite the run folder's own files; choose another folder")
     if target.exists() and not target.is_dir():
         raise InputError(f"{key}: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if target.is_dir() and any(p.name != CLAIM_NAME for p in target.iterdir()) and not overwrite:
         raise InputError(f"{key}: {target} is not empty; pass --overwrite to replace it, or choose another folder")
     nearest = nearest_existing_folder(target)
     problem = write_problem(nearest)

@@ -16,14 +16,16 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune.cli import main
+from finetune.lock import Holder, claim_file
 
 from conftest import REPO
 
@@ -71,6 +73,26 @@ def run_over(*overrides: str, recipe: str = GOOD) -> tuple[str, ...]:
     return ("run", recipe, *overrides, "output.dir={run}", "--overwrite")
 
 
+def claimed(where: str = "", *, beside: bool = False, host: str | None = None) -> Callable[[Path], None]:
+    """A claim on {copy}/`where` held by a process that runs (pid 1) on this host, or on `host`."""
+
+    def setup(copy: Path) -> None:
+        holder = Holder(
+            pid=1,
+            host=host or socket.gethostname(),
+            command="finetune run good.yaml",
+            started="2026-01-01 00:00:00 UTC",
+            token="0" * 16,
+        )
+        file = claim_file(copy / where, beside=beside)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(asdict(holder)))
+
+    return setup
+
+
+HELD = "pid 1 on {host} (finetune run good.yaml, since 2026-01-01 00:00:00 UTC)"
+WAIT = "wait for it to end, or stop it first"
 NO_FOLDER = "give a local model folder or a hub id such as huggyllama/llama-7b"
 TINY = str(REPO / "data" / "tiny-llama")
 
@@ -269,6 +291,24 @@ CASES = [
     Case("eval-broken-run-recipe", ("eval", "{copy}"), 2,
          "error: {copy}/recipe.yaml:1:1: the recipe must be a mapping of sections (model:, data:, ...)",
          setup=lambda copy: (copy / "recipe.yaml").write_text("[broken]\n")),
+    # --- folders another command writes (finetune/lock.py)
+    Case("run-into-a-claimed-folder", ("run", GOOD, "output.dir={copy}", "--overwrite"), 2,
+         f"error: output.dir: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
+    Case("resume-a-claimed-folder", ("run", "{copy}", "--resume"), 2,
+         f"error: output.dir: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
+    Case("resume-a-folder-claimed-on-another-host", ("run", "{copy}", "--resume"), 2,
+         "error: output.dir: {copy} is claimed by pid 1 on gpu-node-7 (finetune run good.yaml, since 2026-01-01 "
+         "00:00:00 UTC), a process on another machine that this one cannot check; if it has ended, pass "
+         "--force-unlock to take the claim over", setup=claimed(host="gpu-node-7")),
+    Case("merge-into-a-claimed-folder", ("merge", "{copy}"), 2,
+         f"error: --out: {{copy}}/merged is in use by {HELD}; {WAIT}", setup=claimed("merged", beside=True)),
+    Case("export-into-a-claimed-folder", ("export", "{copy}", "--format", "adapter"), 2,
+         f"error: --out: {{copy}}/export/adapter is in use by {HELD}; {WAIT}",
+         setup=claimed("export/adapter", beside=True)),
+    Case("report-of-a-claimed-folder", ("report", "{copy}"), 2, f"error: {{copy}} is in use by {HELD}; {WAIT}",
+         setup=claimed()),
+    Case("eval-of-a-claimed-folder", ("eval", "{copy}"), 2, f"error: {{copy}} is in use by {HELD}; {WAIT}",
+         setup=claimed()),
     Case("eval-base-changed-shape", ("eval", "{copy}"), 2,
          "re:error: {copy}/adapter: the adapter does not fit the base model "
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",
@@ -343,7 +383,7 @@ def test_broken_input_gives_its_message(case, request, tmp_path, monkeypatch, ca
     if case.setup:
         shutil.copytree(finished_run, copy)
         case.setup(copy)
-    places = {"bad": str(BAD), "run": str(finished_run), "copy": str(copy)}
+    places = {"bad": str(BAD), "run": str(finished_run), "copy": str(copy), "host": socket.gethostname()}
     args = list(case.args)
     for name, value in places.items():
         args = [arg.replace("{" + name + "}", value) for arg in args]

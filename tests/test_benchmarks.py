@@ -127,3 +127,11 @@ def test_preprocess_quick_times_cold_and_cache_hit(tmp_path):
     assert float(rows["cache hit"][2]) < float(rows["cold"][2])
     assert "x the cold rows/s" in out
     assert "## preprocess (" in results.read_text()
+
+
+def test_run_race_quick_ends_with_one_run_and_one_refusal(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("run_race.py", results)
+    assert "race 1: one finished run, one refusal" in out
+    assert "| 1 | 1 | 0 |" in out
+    assert "## run_race (two `finetune run` on one output.dir started together 1x" in results.read_text()

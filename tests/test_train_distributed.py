@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train_resume import losses, wait_for
 
 from finetune.cli import main
 from finetune.errors import InputError
@@ -25,7 +26,6 @@ from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.launch import check_launch, read_accelerate_config
 
 from conftest import REPO
-from test_train_resume import losses, wait_for
 
 CONFIGS = REPO / "accelerate_configs"
 FSDP_CONFIGS = ("fsdp.yaml", "fsdp_qlora.yaml", "multi_node.yaml")

@@ -78,6 +78,7 @@ def export_gguf(
     out: str | Path | None = None,
     quant_type: str = "f16",
     overwrite: bool = False,
+    force_unlock: bool = False,
     echo: Echo = print,
 ) -> Path:
     """Write a run's model as GGUF: LoRA runs are merged first (and checked), full runs are converted as they are.
@@ -87,16 +88,26 @@ def export_gguf(
         out: the .gguf file (default RUN_DIR/model-TYPE.gguf).
         quant_type: f16 or q8_0.
         overwrite: replace an existing `out`.
+        force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: a prefix/prompt run, a model that is not LLaMA, no SentencePiece tokenizer.model, `out` exists.
+        InputError: a prefix/prompt run, a model that is not LLaMA, no SentencePiece tokenizer.model, `out` exists
+            or is claimed by another command.
     """
-    from finetune.artifacts.merge import check_mergeable, merge_run
-    from finetune.artifacts.shards import checkpoint_dtype, list_shards
+    from finetune.lock import claim
 
     run_dir = RunDir(Path(run_path))
     recipe = read_recipe(run_dir.path)
     target = Path(out) if out is not None else run_dir.path / f"model-{quant_type}.gguf"
+    with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
+        return write_run_gguf(run_dir, recipe, target, quant_type, overwrite=overwrite, echo=echo)
+
+
+def write_run_gguf(run_dir, recipe, target: Path, quant_type: str, *, overwrite: bool, echo: Echo) -> Path:
+    """`export_gguf`, once `target` is claimed."""
+    from finetune.artifacts.merge import check_mergeable, merge_run
+    from finetune.artifacts.shards import checkpoint_dtype, list_shards
+
     if target.exists() and not overwrite:
         raise InputError(f"--out: {target} exists; pass --overwrite to replace it")
     if recipe.adapter.kind == "none":

@@ -42,6 +42,7 @@ def merge_run(
     device: str = "cpu",
     overwrite: bool = False,
     verify: bool = True,
+    force_unlock: bool = False,
     echo: Echo = print,
 ) -> MergeResult:
     """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
@@ -53,15 +54,37 @@ def merge_run(
         device: where the merge arithmetic (and the check) runs: cpu or cuda.
         overwrite: replace a non-empty `out`.
         verify: compare the merged model's logits with the adapter model's before keeping the result.
+        force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: a kind that cannot merge, no adapter, `out` not empty, base weights not found.
+        InputError: a kind that cannot merge, no adapter, `out` not empty or claimed by another command, base
+            weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
+    from finetune.lock import claim
+
     run_dir = RunDir(Path(run_path))
     recipe = read_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
+    with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
+        return write_merge(
+            run_dir, recipe, target, overwrite=overwrite, dtype=dtype, device=device, verify=verify, echo=echo
+        )
+
+
+def write_merge(
+    run_dir: RunDir,
+    recipe: Recipe,
+    target: Path,
+    *,
+    overwrite: bool,
+    dtype: str | None,
+    device: str,
+    verify: bool,
+    echo: Echo,
+) -> MergeResult:
+    """`merge_run`, once `target` is claimed."""
     claim_folder(target, overwrite=overwrite, key="--out")
     dtype_name = dtype or output_dtype_name(recipe, device)
     if recipe.quant is not None:
