@@ -134,10 +134,9 @@ def base_folder(recipe: Recipe) -> Path:
     name = recipe.model.name_or_path
     if looks_local(name):
         return Path(name).expanduser().resolve()
-    from huggingface_hub import snapshot_download
+    from finetune.model.load import fetch_model
 
-    patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model"]
-    return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=patterns))
+    return fetch_model(recipe.model).folder
 
 
 def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo) -> int:

@@ -1,8 +1,9 @@
 """Tokenized data cached on disk, under a key that covers everything the tokens depend on.
 
-The key hashes the source rows' fingerprint, the whole tokenizer (vocabulary, merges, normalizer,
-special tokens), the chat template, every data setting, the split seed and the finetune version, so a
-change to any of them is a miss. Entries are JSON: readable, and nothing in them runs code when loaded.
+The key hashes the source rows' fingerprint, the commits of hub datasets read, the whole tokenizer
+(vocabulary, merges, normalizer, special tokens: its content, so a tokenizer commit that changes
+nothing in it still hits), the chat template, every data setting, the split seed and the finetune
+version, so a change to any of them is a miss. Entries are JSON: readable, and nothing in them runs code when loaded.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + described + specials).encode()).hexdigest()
 
 
-def cache_key(spec: DataSpec, source_sha256: str, tokenizer, template: str | None, seed: int) -> str:
+def cache_key(
+    spec: DataSpec, source_sha256: str, tokenizer, template: str | None, seed: int, commits: tuple[str, ...] = ()
+) -> str:
     parts = {
         "source": source_sha256,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -47,6 +50,8 @@ def cache_key(spec: DataSpec, source_sha256: str, tokenizer, template: str | Non
         "finetune": __version__,
         "revision": SAMPLES_REVISION,
     }
+    if commits:  # only hub data has them: keys of local data stay as they were
+        parts["hub_commits"] = list(commits)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,17 +15,29 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     """The resolved recipe a run folder was trained with.
 
     The files it names are not required to exist any more: the run is a record, and its relative paths
-    were relative to the directory it was trained from.
+    were relative to the directory it was trained from. A base model read from a hub comes back pinned
+    to the commit the run trained on (environment.json), so merge, eval and generate load the weights the
+    adapter was trained against even after the recipe's branch moved.
 
     Raises:
         InputError: the folder is not a run folder, or one written by an incompatible version.
     """
+    import json
+
     from finetune.train.run_dir import RunDir, check_run_format
 
     if not (run_dir / "recipe.yaml").is_file():
         raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
     check_run_format(RunDir(run_dir))
-    return load_recipe(run_dir / "recipe.yaml", check_files=False)
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    try:
+        trained = json.loads(RunDir(run_dir).environment.read_text(encoding="utf-8"))["hub_inputs"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return recipe  # a local base, or a run from before commits were recorded
+    separate_tokenizer = recipe.model.tokenizer not in (None, recipe.model.name_or_path)
+    if trained.get("repo_id") != recipe.model.name_or_path or separate_tokenizer:
+        return recipe  # model.revision applies to a tokenizer repo too: its commit is the model's only here
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": trained["commit"]})})
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
