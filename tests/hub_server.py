@@ -192,8 +192,8 @@ def hub_handler(hub: HubServer):
                 self.error(401 if not self.authorized else 404, "RepoNotFound", "Repository not found")
                 return None
             if repo.gated and not self.authorized:
-                self.error(401, "GatedRepo", f"Access to {repo_type} {repo_id} is restricted. You must be "
-                           "authenticated to access it.")  # fmt: skip
+                message = f"Access to {repo_type} {repo_id} is restricted. You must be authenticated to access it."
+                self.error(401, "GatedRepo", message)
                 return None
             return repo
 
@@ -270,7 +270,8 @@ def hub_handler(hub: HubServer):
                 return self.error(404, "EntryNotFound", f"{under} does not exist")
             recursive = self.query.get("recursive", ["False"])[0].lower() == "true"
             inside = lambda p: p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])  # noqa: E731
-            entries = [{"type": "directory", "oid": "0" * 40, "path": p} for p in sorted(folders_of(commit)) if inside(p)]
+            folders = [p for p in sorted(folders_of(commit)) if inside(p)]
+            entries = [{"type": "directory", "oid": "0" * 40, "path": p} for p in folders]
             return self.json(200, entries + [tree_entry(commit, p) for p in sorted(commit.files) if inside(p)])
 
         def preupload(self, commit: Commit, files: list[dict]):
@@ -282,8 +283,8 @@ def hub_handler(hub: HubServer):
                 oid = None
                 if remote is not None:
                     oid = hashlib.sha256(remote).hexdigest() if item["path"] in commit.lfs else git_blob_id(remote)
-                modes.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
-                             | ({"oid": oid} if oid else {}))  # fmt: skip
+                mode = {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+                modes.append(mode | ({"oid": oid} if oid else {}))
             return self.json(200, {"files": modes, "commitOid": commit.oid})
 
         def create_commit(self, repo: Repo, repo_id: str, branch: str):
@@ -326,8 +327,8 @@ def hub_handler(hub: HubServer):
             repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
             if (repo_type, repo_id) in hub.repos:
                 return self.json(409, {"error": f"You already created this {repo_type} repo", "url": repo_id})
-            hub.add_repo(repo_id, type=repo_type, private=payload.get("visibility") == "private" or payload.get(
-                "private") is True)  # fmt: skip
+            private = payload.get("visibility") == "private" or payload.get("private") is True
+            hub.add_repo(repo_id, type=repo_type, private=private)
             return self.json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
         def lfs(self, match):
@@ -352,7 +353,8 @@ def hub_handler(hub: HubServer):
                         "verify": {"href": verify, "header": {}},
                     }
                 objects.append(entry)
-            return self.json(200, {"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
+            answer = {"transfer": "basic", "objects": objects}
+            return self.json(200, answer, content_type="application/vnd.git-lfs+json")
 
     return Handler
 

@@ -1,8 +1,8 @@
 """The model card (README.md) of an exported or pushed run, written from the run folder alone.
 
 The YAML front matter is what the hub indexes: `library_name` (peft for an adapter, transformers for a
-whole model), `base_model` only when the base is a hub id (a local path means nothing to a reader of
-the hub), tags, and the hub datasets the run read. The body holds the method, the key
+whole model, gguf for llama.cpp files), `base_model` only when the base is a hub id (a local path means
+nothing to a reader of the hub), tags, and the hub datasets the run read. The body holds the method, the key
 hyper-parameters, the final metrics and the full resolved recipe, so the card reproduces the run.
 """
 
@@ -17,19 +17,22 @@ import yaml
 from finetune.recipe.checks import looks_local
 from finetune.recipe.schema import Recipe
 
-Library = Literal["peft", "transformers"]
+Library = Literal["peft", "transformers", "gguf"]
 
 
-def write_card(run_path: Path, target: Path, *, library: Library) -> None:
+def write_card(run_path: Path, target: Path, *, library: Library, files: list[str] = ()) -> None:
     """Write the model card of the run at `run_path` to `target` (a README.md).
+
+    Args:
+        files: the GGUF files the card describes (library gguf).
 
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    target.write_text(model_card(run_path, library=library), encoding="utf-8")
+    target.write_text(model_card(run_path, library=library, files=files), encoding="utf-8")
 
 
-def model_card(run_path: Path, *, library: Library) -> str:
+def model_card(run_path: Path, *, library: Library, files: list[str] = ()) -> str:
     """The README.md text: front matter, then method, hyper-parameters, metrics and the recipe.
 
     Raises:
@@ -56,7 +59,7 @@ def model_card(run_path: Path, *, library: Library) -> str:
         "",
         "## Use",
         "",
-        usage(recipe, library),
+        gguf_usage(recipe, files) if library == "gguf" else usage(recipe, library),
         "",
         "## Recipe",
         "",
@@ -76,7 +79,7 @@ def front_matter(recipe: Recipe, library: Library) -> str:
     meta: dict = {"library_name": library}
     if is_hub_id(recipe.model.name_or_path):
         meta["base_model"] = recipe.model.name_or_path
-    meta["tags"] = ["finetune", *method_tags(recipe), *recipe.data.formats]
+    meta["tags"] = ["finetune", *method_tags(recipe), *recipe.data.formats, *(["gguf"] if library == "gguf" else [])]
     datasets = hub_datasets(recipe)
     if datasets:
         meta["datasets"] = datasets
@@ -115,10 +118,11 @@ def hub_datasets(recipe: Recipe) -> list[str]:
 def describe(recipe: Recipe, method: str, library: Library) -> str:
     base = recipe.model.name_or_path
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local folder)"
-    what = "A PEFT adapter" if library == "peft" else "A whole model"
+    what = {"peft": "A PEFT adapter", "transformers": "A whole model", "gguf": "A whole model in GGUF for llama.cpp"}
+    what = what[library]
     if recipe.adapter.kind == "none":
         how = "fully fine-tuned from"
-    elif library == "transformers":
+    elif library != "peft":
         how = "with the adapter merged into the weights of"
     else:
         how = "for"
@@ -179,6 +183,39 @@ def usage(recipe: Recipe, library: Library) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")',
         ]
     return "\n".join(["```python", *code, "```"])
+
+
+def gguf_usage(recipe: Recipe, files: list[str]) -> str:
+    """How llama.cpp runs the GGUF files, prompted with the template the run trained with."""
+    name = files[0] if files else "MODEL.gguf"
+    prompt = example_prompt(recipe)
+    ask = f"-e -p {json.dumps(prompt)}" if prompt else "-cnv"  # -e: the prompt's \n are newlines
+    lines = [
+        f"With [llama.cpp](https://github.com/ggml-org/llama.cpp), from this repo ({', '.join(files) or name}):",
+        "",
+        "```bash",
+        f"llama-cli --hf-repo THIS_REPO --hf-file {name} -n 256 {ask}",
+        f"llama-cli -m {name} -n 256 {ask}   # a downloaded file",
+        f"llama-server -m {name}   # an OpenAI-compatible server on port 8080",
+        "```",
+    ]
+    if prompt:
+        lines += ["", f"The prompt is the template the model was trained with ({', '.join(recipe.data.formats)})."]
+    return "\n".join(lines)
+
+
+def example_prompt(recipe: Recipe) -> str | None:
+    """A prompt in the run's training template (None for conversations: llama.cpp's chat mode renders those)."""
+    formats = recipe.data.formats
+    if formats == ["alpaca"]:
+        from finetune.data.alpaca import format_prompt
+
+        return format_prompt("Give three tips for staying healthy.")
+    if formats == ["goat"]:
+        from finetune.data.goat import format_prompt
+
+        return format_prompt("What is 27 + 15?")
+    return None
 
 
 def table(rows: list[tuple[str, object]]) -> list[str]:

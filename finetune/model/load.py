@@ -106,7 +106,8 @@ def load_tokenizer(spec: ModelSpec, files: Snapshot | None = None):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
         key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
-        raise InputError(f"{key}: cannot load a tokenizer from {name if files else source!r}: {_first_line(e)}") from None
+        shown = name if files else source
+        raise InputError(f"{key}: cannot load a tokenizer from {shown!r}: {_first_line(e)}") from None
     if files:
         tokenizer.name_or_path = name  # the hub id, not this machine's cache folder
     ensure_pad_token(tokenizer)
