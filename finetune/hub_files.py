@@ -16,6 +16,7 @@ from finetune.errors import InputError
 
 LOGIN = "log in with `hf auth login` or set HF_TOKEN"
 NOT_CACHED = "not in the local cache; run once online or give a local folder"
+HF_DEFAULT = "https://huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def download(
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     where = f"{key}: {repo_id}" + (f" (revision {revision})" if revision else "")
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
         folder = snapshot_download(
             repo_id,
@@ -71,12 +73,12 @@ def download(
             revision=revision,
             allow_patterns=patterns,
             ignore_patterns=ignore,
-            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            endpoint=endpoint,
             local_files_only=offline(),
         )
     except LocalEntryNotFoundError:
-        cause = "offline (HF_HUB_OFFLINE=1)" if offline() else "the hub cannot be reached"
-        raise InputError(f"{where}: {cause} and {NOT_CACHED}") from None
+        cause = "offline (HF_HUB_OFFLINE=1)" if offline() else f"cannot reach the hub at {endpoint or HF_DEFAULT}"
+        raise InputError(f"{where}: {cause}, and {NOT_CACHED}") from None
     except HFValidationError as e:
         raise InputError(f"{key}: {repo_id!r} is neither a local path nor a hub id ({_first_line(e)})") from None
     except HfHubHTTPError as e:

@@ -7,7 +7,8 @@ process needs to reach it.
 - an Alpaca-format dataset repo as tatsu-lab/alpaca is: README.md with dataset_info, and
   data/train-00000-of-00001-<hash>.parquet (the project's own 120 sample rows);
 - a LIMA-format dataset repo as GAIR/lima is: train.jsonl and test.jsonl at the top, and the loading
-  script the hub still holds (lima.py, never downloaded).
+  script the hub still holds (lima.py, never downloaded);
+- the same model private, and gated, and a repo with pickled weights only (pytorch_model.bin).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ SAMPLE_ROWS = REPO / "data" / "alpaca_sample.json"
 MODEL_ID = "test-org/tiny-llama"
 ALPACA_ID = "test-org/alpaca-sample"
 LIMA_ID = "test-org/lima-sample"
+PRIVATE_ID = "test-org/private-llama"
+GATED_ID = "test-org/gated-llama"
+PICKLED_ID = "test-org/pickled-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -84,9 +88,14 @@ def sample_rows() -> list[dict]:
 
 
 def serve_test_repos(hub: HubServer) -> HubServer:
-    """The public model and the two dataset repos, each with one commit on main."""
-    hub.add_repo(MODEL_ID)
-    hub.commit(MODEL_ID, model_files(), message="Upload a tiny LLaMA")
+    """The model (public, private and gated), the pickled one and the two dataset repos, one commit on main each."""
+    files = model_files()
+    for repo_id, access in ((MODEL_ID, {}), (PRIVATE_ID, {"private": True}), (GATED_ID, {"gated": True})):
+        hub.add_repo(repo_id, **access)
+        hub.commit(repo_id, files, message="Upload a tiny LLaMA")
+    hub.add_repo(PICKLED_ID)
+    pickled = {name: files[name] for name in ("config.json", *TOKENIZER_FILES)}
+    hub.commit(PICKLED_ID, pickled | {"pytorch_model.bin": b"PK\x03\x04 pickled weights"}, message="Upload")
     hub.add_repo(ALPACA_ID, type="dataset")
     hub.commit(ALPACA_ID, alpaca_files(sample_rows()), type="dataset", message="Upload the rows")
     rows = sample_rows()[:12]
