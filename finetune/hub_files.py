@@ -83,7 +83,9 @@ def download(
         raise InputError(f"{key}: {repo_id!r} is neither a local path nor a hub id ({_first_line(e)})") from None
     except HfHubHTTPError as e:
         raise InputError(f"{where}: {refusal(e, repo_id, repo_type, revision)}") from None
-    return Snapshot(repo_id, repo_type, revision, Path(folder).name, Path(folder))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # no file matched: an empty folder, which the loaders report
+    return Snapshot(repo_id, repo_type, revision, folder.name, folder)
 
 
 def refusal(error: Exception, repo_id: str, repo_type: str, revision: str | None) -> str:

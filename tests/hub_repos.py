@@ -67,7 +67,8 @@ def alpaca_files(rows: list[dict]) -> dict[str, bytes]:
     card = (
         "---\nlicense: cc-by-nc-4.0\ndataset_info:\n  features:\n  - name: instruction\n    dtype: string\n"
         "  - name: input\n    dtype: string\n  - name: output\n    dtype: string\n  splits:\n  - name: train\n"
-        f"    num_examples: {len(rows)}\n---\n# Alpaca-format sample\n"
+        f"    num_bytes: {table.nbytes}\n    num_examples: {len(rows)}\n  download_size: {buffer.tell()}\n"
+        f"  dataset_size: {table.nbytes}\n---\n# Alpaca-format sample\n"
     )
     return {"README.md": card.encode(), "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet": buffer.getvalue()}
 

@@ -102,8 +102,11 @@ class HubServer:
     def commit(
         self, repo_id: str, files: dict[str, bytes], *, type: str = "model", branch: str = "main", message: str = "c"
     ) -> str:
-        """Commit `files` (added or replaced) on `branch`; LFS-worthy files are stored as LFS objects."""
+        """Commit `files` (added or replaced) on `branch`, made from main if new; LFS-worthy files are stored
+        as LFS objects."""
         repo = self.repos[(type, repo_id)]
+        if branch not in repo.branches and "main" in repo.branches:
+            repo.branches[branch] = repo.branches["main"]
         lfs = {path for path, data in files.items() if is_lfs(path, data)}
         for path in lfs:
             sha = hashlib.sha256(files[path]).hexdigest()

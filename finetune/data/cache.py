@@ -45,7 +45,7 @@ def cache_key(
         "source": source_sha256,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template,
-        "data": spec.model_dump(mode="json"),
+        "data": settings_of(spec),
         "seed": seed,
         "finetune": __version__,
         "revision": SAMPLES_REVISION,
@@ -53,6 +53,15 @@ def cache_key(
     if commits:  # only hub data has them: keys of local data stay as they were
         parts["hub_commits"] = list(commits)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def settings_of(spec: DataSpec) -> dict:
+    """Every data setting but the hub revisions: the commits they resolved to are in the key instead, so a
+    branch and the commit it points at share their entries."""
+    settings = spec.model_dump(mode="json", exclude={"revision"})
+    for source in settings["sources"] or []:
+        source.pop("revision")
+    return settings
 
 
 def load(key: str) -> dict | None:
