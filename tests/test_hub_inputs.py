@@ -127,6 +127,13 @@ def test_lima_conversations_are_read_from_json_lines_and_its_script_never_downlo
     assert len(read_rows(LIMA_ID, split="test").rows) == 1
     assert not [path for _, path, _ in hub.requests if path.endswith("lima.py")]
 
+    tagged = hub.head(LIMA_ID, type="dataset")
+    hub.repos[("dataset", LIMA_ID)].tags["v1.0"] = tagged
+    hub.commit(LIMA_ID, {"train.jsonl": b'{"conversations": ["Hi", "Hello"]}\n'}, type="dataset", message="Shrink")
+    assert len(read_rows(LIMA_ID, split="train").rows) == 1
+    at_tag = read_rows(LIMA_ID, split="train", revision="v1.0")
+    assert len(at_tag.rows) == 11 and at_tag.hub == {"repo_id": LIMA_ID, "revision": "v1.0", "commit": tagged}
+
 
 def test_resume_refuses_a_run_whose_hub_inputs_moved(pinned_run, hub, tmp_path, monkeypatch, capsys):
     from finetune.cli import main

@@ -2,8 +2,8 @@
 
 The YAML front matter is what the hub indexes: `library_name` (peft for an adapter, transformers for a
 whole model, gguf for llama.cpp files), `base_model` only when the base is a hub id (a local path means
-nothing to a reader of the hub), tags, and the hub datasets the run read. The body holds the method, the key
-hyper-parameters, the final metrics and the full resolved recipe, so the card reproduces the run.
+nothing to a reader of the hub), tags, and the hub datasets the run read. The body holds the method, the
+key hyper-parameters, the final metrics and the full resolved recipe, so the card reproduces the run.
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ def hub_datasets(recipe: Recipe) -> list[str]:
 def describe(recipe: Recipe, method: str, library: Library) -> str:
     base = recipe.model.name_or_path
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local folder)"
-    what = {"peft": "A PEFT adapter", "transformers": "A whole model", "gguf": "A whole model in GGUF for llama.cpp"}
-    what = what[library]
+    what = {"peft": "A PEFT adapter", "transformers": "A whole model", "gguf": "A whole model in GGUF"}[library]
     if recipe.adapter.kind == "none":
         how = "fully fine-tuned from"
     elif library != "peft":

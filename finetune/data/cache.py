@@ -3,7 +3,8 @@
 The key hashes the source rows' fingerprint, the commits of hub datasets read, the whole tokenizer
 (vocabulary, merges, normalizer, special tokens: its content, so a tokenizer commit that changes
 nothing in it still hits), the chat template, every data setting, the split seed and the finetune
-version, so a change to any of them is a miss. Entries are JSON: readable, and nothing in them runs code when loaded.
+version, so a change to any of them is a miss. Entries are JSON: readable, and nothing in them runs
+code when loaded.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ at the tokenizer's commit when both come from one repo.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from finetune.recipe.schema import ModelSpec, QuantSpec
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 # what a tokenizer (and AutoConfig) reads from a hub repo; weights are fetched only to load the model
 TOKENIZER_PATTERNS = ["*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+# transformers loads a repo's top level only: subfolders (original/, onnx/, ...) are never fetched
+SUBFOLDERS = ["*/*"]
 
 
 def pick_device(use_cpu: bool = False) -> str:
@@ -54,12 +57,16 @@ def fetch_tokenizer(spec: ModelSpec) -> Snapshot | None:
     if looks_local(name):
         return None
     key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
-    return download(name, key=key, revision=spec.revision, patterns=TOKENIZER_PATTERNS + _code_patterns(spec))
+    patterns = TOKENIZER_PATTERNS + _code_patterns(spec)
+    return download(name, key=key, revision=spec.revision, patterns=patterns, ignore=SUBFOLDERS)
 
 
 def fetch_model(spec: ModelSpec, tokenizer_files: Snapshot | None = None) -> Snapshot | None:
     """The model's config and weights when it is a hub id (None for a local folder), at the commit of
     `tokenizer_files` when that is the same repo, so both match even if the branch moved in between.
+
+    Only the weights transformers loads are fetched: the shards model.safetensors.index.json names, else
+    model.safetensors (a repo may also hold the same weights in another layout, e.g. consolidated.safetensors).
 
     Raises:
         InputError: the hub refused, the files are not cached while offline, or the repo has no weights.
@@ -67,13 +74,12 @@ def fetch_model(spec: ModelSpec, tokenizer_files: Snapshot | None = None) -> Sna
     if looks_local(spec.name_or_path):
         return None
     same_repo = tokenizer_files is not None and tokenizer_files.repo_id == spec.name_or_path
-    weights = ["*.safetensors"] + (["*.bin", "*.pt"] if spec.allow_pickle_weights else [])
-    files = download(
-        spec.name_or_path,
-        key="model.name_or_path",
-        revision=tokenizer_files.commit if same_repo else spec.revision,
-        patterns=TOKENIZER_PATTERNS + weights + _code_patterns(spec),
-    )
+    key, patterns = "model.name_or_path", TOKENIZER_PATTERNS + _code_patterns(spec)
+    revision = tokenizer_files.commit if same_repo else spec.revision
+    config = download(spec.name_or_path, key=key, revision=revision, patterns=patterns, ignore=SUBFOLDERS)
+    weights = _indexed_shards(spec.name_or_path, config.folder) or ["model.safetensors"]
+    weights += ["*.bin", "*.pt"] if spec.allow_pickle_weights else []
+    files = download(spec.name_or_path, key=key, revision=config.commit, patterns=patterns + weights, ignore=SUBFOLDERS)
     if not any(files.folder.glob("*.safetensors")) and not (spec.allow_pickle_weights and _pickled(files.folder)):
         raise InputError(
             f"model.name_or_path: {spec.name_or_path} has no weights in safetensors files (*.safetensors) at "
@@ -81,6 +87,17 @@ def fetch_model(spec: ModelSpec, tokenizer_files: Snapshot | None = None) -> Sna
             "true, if you trust them"
         )
     return replace(files, revision=spec.revision)
+
+
+def _indexed_shards(name: str, folder: Path) -> list[str]:
+    """The shard files model.safetensors.index.json names (none without an index)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise InputError(f"model.name_or_path: {name}: {index.name} has no readable weight_map ({e!r})") from None
 
 
 def _code_patterns(spec: ModelSpec) -> list[str]:
