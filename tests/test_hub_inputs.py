@@ -129,7 +129,8 @@ def test_lima_conversations_are_read_from_json_lines_and_its_script_never_downlo
 
     tagged = hub.head(LIMA_ID, type="dataset")
     hub.repos[("dataset", LIMA_ID)].tags["v1.0"] = tagged
-    hub.commit(LIMA_ID, {"train.jsonl": b'{"conversations": ["Hi", "Hello"]}\n'}, type="dataset", message="Shrink")
+    shrunk = {"train.jsonl": b'{"conversations": ["Hi", "Hello"], "source": "test"}\n'}
+    hub.commit(LIMA_ID, shrunk, type="dataset", message="Keep one conversation")
     assert len(read_rows(LIMA_ID, split="train").rows) == 1
     at_tag = read_rows(LIMA_ID, split="train", revision="v1.0")
     assert len(at_tag.rows) == 11 and at_tag.hub == {"repo_id": LIMA_ID, "revision": "v1.0", "commit": tagged}
