@@ -248,6 +248,9 @@ CASES = [
     Case("hub-unknown-dataset", run_over("data.path=test-org/no-such-data"), 2,
          "error: data.path: test-org/no-such-data: no such dataset repo, or it is private or gated and no token is "
          f"set: {LOGIN}", env=HUB),
+    Case("hub-data-unknown-split", run_over("data.path=test-org/alpaca-sample", "data.split=validation"), 2,
+         "re:error: test-org/alpaca-sample: cannot load dataset \\(split 'validation'\\): ValueError: .*validation.*",
+         env=HUB),
     Case("hub-offline-not-cached", run_over("model.name_or_path=test-org/never-downloaded"), 2,
          "error: model.name_or_path: test-org/never-downloaded: offline (HF_HUB_OFFLINE=1), and not in the local "
          "cache; run once online or give a local folder", env=(*HUB, ("HF_HUB_OFFLINE", "1"))),

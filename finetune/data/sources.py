@@ -105,11 +105,9 @@ def _read_with_datasets(source: str, split: str, folder: str | None = None) -> R
 
     try:
         dataset = datasets.load_dataset(folder or source, split=split)
-    except Exception as e:  # datasets raises many types for "not found", "offline", "no such split"
-        raise InputError(
-            f"{source}: cannot load dataset (split {split!r}): {e.__class__.__name__}: {e}\n"
-            "A hub id needs network access or a local cache; otherwise give a local .json/.jsonl file."
-        ) from None
+    except Exception as e:  # datasets raises many types for "no such split", "no data files", bad files
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{source}: cannot load dataset (split {split!r}): {e.__class__.__name__}: {detail}") from None
     rows = dataset.to_list()
     refs = [f"{source} [{split}]: row {i}" for i in range(1, len(rows) + 1)]
     return Rows(source, rows, refs, dataset._fingerprint)
