@@ -256,6 +256,8 @@ def hub_handler(hub: HubServer):
                 found = [tree_entry(commit, p) for p in paths if p in commit.files]
                 found += [{"type": "directory", "oid": "0" * 40, "path": p} for p in paths if p in folders_of(commit)]
                 return self.json(200, found)
+            if op == "tag":
+                return self.create_tag(repo, commit, json.loads(self.body)["tag"])
             if op == "preupload":
                 return self.preupload(commit, json.loads(self.body)["files"])
             if op == "commit":
@@ -322,6 +324,12 @@ def hub_handler(hub: HubServer):
             if commit is not None:
                 repo.branches[branch] = commit.oid
                 self.json(200, {})
+
+        def create_tag(self, repo: Repo, commit: Commit, tag: str):
+            if tag in repo.tags:
+                return self.json(409, {"error": "Tag already exists"})
+            repo.tags[tag] = commit.oid
+            return self.json(200, {})
 
         def create_repo(self, payload: dict):
             if not self.authorized:
