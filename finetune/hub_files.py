@@ -9,6 +9,7 @@ HF_HUB_OFFLINE and HF_TOKEN are read when a download starts; the token goes to h
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def download(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    where = f"{key}: {repo_id}" + (f" (revision {revision})" if revision else "")
+    where = f"{key}: {repo_id}{describe_revision(revision)}"
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
         folder = snapshot_download(
@@ -86,6 +87,16 @@ def download(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)  # no file matched: an empty folder, which the loaders report
     return Snapshot(repo_id, repo_type, revision, folder.name, folder)
+
+
+def describe_revision(revision: str | None) -> str:
+    """
+    >>> describe_revision(None), describe_revision("v2"), describe_revision("0123456789" * 4)
+    ('', ' (revision v2)', ' at commit 0123456789012345678901234567890123456789')
+    """
+    if revision is None:
+        return ""
+    return f" at commit {revision}" if re.fullmatch(r"[0-9a-f]{40}", revision) else f" (revision {revision})"
 
 
 def refusal(error: Exception, repo_id: str, repo_type: str, revision: str | None) -> str:

@@ -116,6 +116,29 @@ def test_the_data_cache_follows_the_datasets_commit(hub, tokenizer, tmp_path, mo
     assert pinned.cache == "hit" and pinned.fingerprint == built.fingerprint and pinned.rows_read == 120
 
 
+def test_preview_fetches_the_tokenizer_and_never_the_weights(hub, monkeypatch, capsys):
+    from finetune.cli import main
+
+    hub.add_repo("test-org/tiny-llama-copy")  # never fetched by another test of this session
+    hub.commit("test-org/tiny-llama-copy", hub.files(MODEL_ID), message="Copy")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.chdir(REPO)
+    asked = len(hub.requests)
+    args = ["recipes/alpaca_lora.yaml", "model.name_or_path=test-org/tiny-llama-copy", f"data.path={ALPACA_ID}"]
+    assert main(["preview", *args, "-n", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["input_ids"]
+    fetched = [path.rsplit("/", 1)[-1] for method, path, _ in hub.requests[asked:] if "/resolve/" in path]
+    assert "tokenizer.json" in fetched and not [name for name in fetched if name.endswith(".safetensors")]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights are not in the cache
+    assert main(["run", *args, "train.max_steps=1", f"output.dir={REPO / 'never-written'}"]) == 2
+    commit = hub.head("test-org/tiny-llama-copy")  # the tokenizer's, which the weights are fetched at
+    assert capsys.readouterr().err.strip() == (
+        f"error: model.name_or_path: test-org/tiny-llama-copy at commit {commit}: offline (HF_HUB_OFFLINE=1), and "
+        "not in the local cache; run once online or give a local folder"
+    )
+    assert not (REPO / "never-written").exists()
+
+
 def test_lima_conversations_are_read_from_json_lines_and_its_script_never_downloaded(hub, monkeypatch):
     from finetune.data.sources import read_rows
 
