@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_merge_verb(verb) -> None:
     merge = verb(
-        "merge", cmd_merge, "fold a LoRA run's adapter into its base weights: a plain transformers folder", recipe=False
+        "merge", cmd_merge, "fold a LoRA or IA3 run's adapter into its base weights: a plain transformers folder", recipe=False
     )
     merge.add_argument("run_dir", metavar="RUN_DIR")
     merge.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/merged)")
@@ -318,7 +318,7 @@ def cmd_data_stats(args) -> int:
 def cmd_data_goat(args) -> int:
     from pathlib import Path
 
-    from finetune.data import goat
+    from finetune.data.formats import goat
     from finetune.errors import InputError
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())

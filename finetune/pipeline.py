@@ -370,11 +370,11 @@ def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: 
 
 def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batch_size: int, echo: Echo):
     """Greedy answers of `model` to `n` held-out Goat problems, scored and written to the run's eval.json."""
-    from finetune.data.goat import format_prompt
+    from finetune.data.formats.goat import format_prompt
     from finetune.eval.generate import generate_greedy
     from finetune.eval.goat import held_out_rows, score
 
-    rows, source = held_out_rows(recipe.data, recipe.train.seed, n)
+    rows, source = held_out_rows(recipe.data, n, run_dir.data)
     echo(f"eval: {len(rows)} problems from {source}")
     longest = max(len(tokenizer(row["output"], add_special_tokens=False).input_ids) for row in rows)
     prompts = [format_prompt(row["instruction"]) for row in rows]

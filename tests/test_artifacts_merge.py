@@ -1,4 +1,4 @@
-"""finetune merge: shard-by-shard LoRA merges equal the adapter model, for every LoRA variant."""
+"""finetune merge: shard-by-shard LoRA and (IA)^3 merges equal the adapter model, for every LoRA variant."""
 
 from __future__ import annotations
 
@@ -144,3 +144,35 @@ def test_a_failed_check_exits_1_and_writes_nothing(write_recipe, capsys):
     err = capsys.readouterr().err
     assert "merge check failed" in err and "nothing was written" in err
     assert not (run_dir / "merged").exists() and not (run_dir / "merged.partial").exists()
+
+
+def train_ia3(write_recipe):
+    """(IA)^3 scales start at 1; a high learning rate moves them far enough to change the logits clearly."""
+    return train(write_recipe, adapter={"kind": "ia3"}, train={"lr": 5e-2})
+
+
+def test_ia3_merge_equals_adapter(write_recipe, tiny_model_dir, capsys):
+    run_dir = train_ia3(write_recipe)
+    assert main(["merge", str(run_dir)]) == 0
+    assert "max |merged - adapter| logit difference" in capsys.readouterr().out
+    assert_merged_equals_adapter(run_dir, tiny_model_dir, run_dir / "merged")
+
+
+def test_ia3_merge_that_drops_the_feedforward_scales_fails_its_check(write_recipe, monkeypatch, capsys):
+    import dataclasses
+
+    from finetune.model.methods import METHODS, ia3
+
+    run_dir = train_ia3(write_recipe)
+    read_scales = ia3.read_scales
+
+    def without_feedforward(folder, *, device="cpu"):
+        scales = read_scales(folder, device=device)
+        scales.vectors = {name: v for name, v in scales.vectors.items() if "down_proj" not in name}
+        return scales
+
+    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(ia3.METHOD, read_merge=without_feedforward))
+    assert main(["merge", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "nothing was written" in err
+    assert not (run_dir / "merged").exists()

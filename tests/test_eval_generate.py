@@ -26,9 +26,20 @@ RUNS = {
         "adapter": {"kind": "prompt", "num_virtual_tokens": 4},
         "data": {"format": "goat", "path": None, "goat": {"n": 64, "ops": ["add"], "add_sub_digits": 3}},
     },
+    "ia3-sharegpt": {
+        "adapter": {"kind": "ia3"},
+        "data": {"format": "sharegpt", "path": str(REPO / "tests" / "sharegpt_sample.jsonl"), "max_seq_len": 256},
+    },
     "full": {"adapter": {"kind": "none"}},
 }
-PROMPT_FORMAT = {"lora": "alpaca", "qlora-lima": "chat", "prefix": "alpaca", "prompt-goat": "goat", "full": "alpaca"}
+PROMPT_FORMAT = {
+    "lora": "alpaca",
+    "qlora-lima": "chat",
+    "prefix": "alpaca",
+    "prompt-goat": "goat",
+    "ia3-sharegpt": "chat",
+    "full": "alpaca",
+}
 QUESTION = {"instruction": "What is 12 + 7?"}
 
 
@@ -67,7 +78,7 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
     assert 0 < len(expected) <= 6 and (len(expected) == 6 or expected[-1] == tokenizer.eos_token_id)
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora-lima", "prompt-goat"])
+@pytest.mark.parametrize("name", ["lora", "qlora-lima", "prompt-goat", "ia3-sharegpt"])
 def test_prompt_ids_are_the_masked_prefix_of_the_training_samples(name, tiny_run):
     run = tiny_run(name, **RUNS[name])
     recipe = read_run_recipe(run)
@@ -79,6 +90,10 @@ def test_prompt_ids_are_the_masked_prefix_of_the_training_samples(name, tiny_run
         row = rows[sample.row]
         if name == "qlora-lima":
             row = {"instruction": row["conversations"][0]}
+        if name == "ia3-sharegpt":
+            if row["conversations"][0]["from"] == "system":
+                continue  # a prompt of `generate` is one user turn, with no system turn before it
+            row = {"instruction": row["conversations"][0]["value"]}
         assert prompt_ids(tokenizer, PROMPT_FORMAT[name], row) == masked_prefix(sample), sample.row
 
 

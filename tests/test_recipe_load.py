@@ -228,7 +228,7 @@ def test_keys_of_another_adapter_kind_are_named_as_such(write_recipe):
 def test_unknown_adapter_kind_suggests_the_closest(write_recipe):
     [problem] = problems_of(write_recipe(), ["adapter.kind=prefx"])
     assert problem == (
-        "command line: adapter.kind=prefx: must be one of 'lora', 'prefix', 'prompt', 'none' (got 'prefx'); "
+        "command line: adapter.kind=prefx: must be one of 'lora', 'prefix', 'prompt', 'ia3', 'none' (got 'prefx'); "
         "did you mean 'prefix'?"
     )
 

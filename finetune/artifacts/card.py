@@ -91,20 +91,10 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def method_tags(recipe: Recipe) -> list[str]:
-    """Tags naming the method: lora (+ qlora, dora, rslora), prefix-tuning, prompt-tuning or full-fine-tuning."""
-    adapter = recipe.adapter
-    if adapter.kind == "none":
-        return ["full-fine-tuning"]
-    if adapter.kind != "lora":
-        return [f"{adapter.kind}-tuning"]
-    tags = ["lora"]
-    if recipe.quant is not None and recipe.quant.bits == 4:
-        tags.append("qlora")
-    if adapter.use_dora:
-        tags.append("dora")
-    if adapter.use_rslora:
-        tags.append("rslora")
-    return tags
+    """Tags naming the method, as its adapter kind's method gives them (e.g. lora + qlora, ia3, prefix-tuning)."""
+    from finetune.model.methods import method_of
+
+    return method_of(recipe.adapter).tags(recipe.adapter, recipe.quant.bits if recipe.quant else None)
 
 
 def hub_datasets(recipe: Recipe) -> list[str]:
@@ -204,17 +194,13 @@ def gguf_usage(recipe: Recipe, files: list[str]) -> str:
 
 
 def example_prompt(recipe: Recipe) -> str | None:
-    """A prompt in the run's training template (None for conversations: llama.cpp's chat mode renders those)."""
+    """A prompt in the run's training template (None for conversations, which llama.cpp's chat mode renders,
+    and for a mix of formats)."""
+    from finetune.data.formats import FORMATS
+
     formats = recipe.data.formats
-    if formats == ["alpaca"]:
-        from finetune.data.alpaca import format_prompt
-
-        return format_prompt("Give three tips for staying healthy.")
-    if formats == ["goat"]:
-        from finetune.data.goat import format_prompt
-
-        return format_prompt("What is 27 + 15?")
-    return None
+    format_prompt = FORMATS[formats[0]].format_prompt if len(formats) == 1 else None
+    return format_prompt("Give three tips for staying healthy.", "") if format_prompt else None
 
 
 def table(rows: list[tuple[str, object]]) -> list[str]:

@@ -1,11 +1,12 @@
-"""`finetune merge RUN_DIR`: a LoRA run's adapter folded into its base weights, as a plain transformers folder.
+"""`finetune merge RUN_DIR`: a LoRA or (IA)^3 run's adapter folded into its base weights, as a plain transformers
+folder.
 
 Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
-with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
-is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
-model. The output keeps the
-base's sharding, with an index when there is more than one file, plus config.json (dtype set),
-generation_config.json and the run's tokenizer. It is written to `OUT.partial`, checked (see
+with its update (read by the adapter kind's method, `model/methods/`) and written out before the next is
+read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
+where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
+when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
+tokenizer. It is written to `OUT.partial`, checked (see
 `artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
 """
 
@@ -42,7 +43,7 @@ def merge_run(
     verify: bool = True,
     echo: Echo = print,
 ) -> MergeResult:
-    """Merge a LoRA (or QLoRA) run's adapter into its base model and write the result to `out`.
+    """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
 
     Args:
         run_path: the run folder; its recipe.yaml names the base, its adapter/ holds the adapter.
@@ -53,7 +54,7 @@ def merge_run(
         verify: compare the merged model's logits with the adapter model's before keeping the result.
 
     Raises:
-        InputError: not a LoRA run, no adapter, `out` not empty, base weights not found.
+        InputError: a kind that cannot merge, no adapter, `out` not empty, base weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
     from finetune.eval.generate import read_run_recipe
@@ -76,7 +77,7 @@ def merge_run(
     partial.mkdir(parents=True)
     try:
         base = base_folder(recipe)
-        shards = write_merged(run_dir.adapter, base, partial, dtype_name, device, echo)
+        shards = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
         write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
         max_diff = tolerance = None
         if verify:
@@ -92,22 +93,16 @@ def merge_run(
 
 
 def check_mergeable(run_dir, recipe: Recipe) -> None:
-    """Only LoRA runs have low-rank updates to fold into the base.
+    """Only kinds whose method can fold its update into the base weights merge (checked before any download).
 
     Raises:
-        InputError: a full fine-tuning, prefix or prompt tuning run, or a run with no adapter/.
+        InputError: a kind that cannot merge (full fine-tuning, prefix or prompt tuning), or no adapter/.
     """
-    kind = recipe.adapter.kind
-    if kind == "none":
-        raise InputError(
-            f"{run_dir.path}: a full fine-tuning run has nothing to merge; {run_dir.model} is already a whole "
-            "model that AutoModelForCausalLM.from_pretrained loads"
-        )
-    if kind in ("prefix", "prompt"):
-        raise InputError(
-            f"{run_dir.path}: {kind} tuning cannot be merged: it adds virtual tokens, not changes to base weights; "
-            f"`finetune export {run_dir.path} --format adapter` writes the adapter for use with peft"
-        )
+    from finetune.model.methods import method_of
+
+    method = method_of(recipe.adapter)
+    if method.read_merge is None:
+        raise InputError(method.merge_refusal.format(run=run_dir.path, artifact=run_dir.model))
     if not (run_dir.adapter / "adapter_config.json").is_file():
         raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
 
@@ -139,15 +134,17 @@ def base_folder(recipe: Recipe) -> Path:
     return fetch_model(recipe.model).folder
 
 
-def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo) -> int:
-    """Stream every base shard through the adapter into `out`; returns the number of shards written.
+def write_merged(
+    recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
+) -> int:
+    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`; returns the
+    number of shards written.
 
     Raises:
         InputError: the adapter changes a tensor the base checkpoint does not have.
     """
     import torch
 
-    from finetune.artifacts.lora import read_adapter
     from finetune.artifacts.shards import (
         ShardReader,
         ShardWriter,
@@ -157,7 +154,9 @@ def write_merged(adapter_dir: Path, base: Path, out: Path, dtype_name: str, devi
         write_index,
     )
 
-    adapter = read_adapter(adapter_dir, device=device)
+    from finetune.model.methods import method_of
+
+    adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
     shards = list_shards(base)
     missing = adapter.targets - {name for shard in shards for name in shard.names}
     if missing:

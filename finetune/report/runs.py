@@ -35,15 +35,9 @@ class RunRecord:
 
     @property
     def method(self) -> str:
-        adapter = self.recipe.get("adapter") or {}
-        kind = adapter.get("kind", "lora")
-        quant = self.recipe.get("quant") or {}
-        if kind == "none":
-            return "full"
-        if kind == "lora":
-            name = "dora" if adapter.get("use_dora") else "rslora" if adapter.get("use_rslora") else "lora"
-            return {4: f"q{name} (4-bit)", 8: f"{name} (8-bit base)"}.get(quant.get("bits"), name)
-        return f"{kind}-tuning"
+        from finetune.model.methods import listing_name
+
+        return listing_name(self.recipe.get("adapter"), (self.recipe.get("quant") or {}).get("bits"))
 
     @property
     def base(self) -> str:

@@ -2,7 +2,7 @@
 
 recipe.yaml        the resolved recipe, every default filled in
 environment.json   library versions, Python, platform, device, git commit of finetune
-data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+data.json          data report: source hash, rows kept/dropped/truncated, held-out rows, token counts, fingerprint
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
@@ -87,8 +87,10 @@ class RunDir:
     report = property(lambda self: self.path / "report.html")
 
     def artifact(self, adapter_kind: str) -> Path:
-        """Where the trained result lives: model/ for full fine-tuning, adapter/ otherwise."""
-        return self.model if adapter_kind == "none" else self.adapter
+        """Where the trained result lives, as its kind's method says: model/ for full fine-tuning, adapter/ else."""
+        from finetune.model.methods import METHODS
+
+        return self.path / METHODS[adapter_kind].artifact_folder
 
     @classmethod
     def claim(cls, path: str | Path, *, overwrite: bool) -> RunDir:

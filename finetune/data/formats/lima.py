@@ -9,11 +9,8 @@ answer is trained.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from finetune.data.conversation import Conversation, RowError, Segment, expect_object
-
-TrainOn = Literal["all_assistant_turns", "last_turn"]
+from finetune.data.conversation import Conversation, RowError, expect_object
+from finetune.data.templates import TrainOn, chat_conversation, check_turns
 
 
 def to_messages(row: dict) -> list[dict]:
@@ -41,24 +38,10 @@ def to_messages(row: dict) -> list[dict]:
     return messages
 
 
-def check_turns(messages: list[dict]) -> None:
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    if not body:
-        raise RowError("the conversation has no turns")
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RowError(f"turn {i + 1} is from {message['role']!r}, expected {expected!r} (turns must alternate)")
-        if not message["content"].strip():
-            raise RowError(f"turn {i + 1} ({expected}) is empty")
-    if body[-1]["role"] != "assistant":
-        raise RowError("the last turn is from the user; a conversation must end with an assistant answer")
-
-
 def to_conversation(
     row: dict, ref: str, *, render, train_on: TrainOn = "all_assistant_turns", train_on_prompt: bool = False
 ) -> Conversation:
-    """Render the conversation and split it at every assistant answer.
+    """Render the conversation with the chat template and split it at every assistant answer.
 
     Args:
         render: `render(messages, add_generation_prompt) -> str`, the chat template.
@@ -67,16 +50,4 @@ def to_conversation(
         RowError: the row's turns are malformed, or the template does not render each conversation prefix
             as a prefix of the whole (masking could not be decided exactly).
     """
-    messages = to_messages(row)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    segments, done = [], ""
-    for i in answers:
-        prompt = render(messages[:i], add_generation_prompt=True)
-        through_answer = render(messages[: i + 1], add_generation_prompt=False)
-        if not prompt.startswith(done) or not through_answer.startswith(prompt):
-            raise RowError("the chat template does not render a conversation prefix as a prefix of the whole")
-        trained = train_on == "all_assistant_turns" or i == answers[-1]
-        segments.append(Segment(prompt[len(done) :], trained=train_on_prompt))
-        segments.append(Segment(through_answer[len(prompt) :], trained=trained))
-        done = through_answer
-    return Conversation(tuple(segments), row=ref, add_eos=False, whole_text=True)
+    return chat_conversation(to_messages(row), ref, render=render, train_on=train_on, train_on_prompt=train_on_prompt)
