@@ -99,7 +99,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.eval.generate import load_trained, read_run_recipe
+from finetune.eval.generate import load_trained
+from finetune.run_folder import read_trained_recipe
 
 run, adapter_repo, merged_repo, base = Path(sys.argv[1]), *sys.argv[2:5]
 tokenizer = AutoTokenizer.from_pretrained(merged_repo)
@@ -109,7 +110,7 @@ models = {
     "adapter": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_repo),
     "base": AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
 }
-trained = load_trained(run, read_run_recipe(run), device="cpu")[0]
+trained = load_trained(run, read_trained_recipe(run), device="cpu")[0]
 with torch.no_grad():
     reference = trained(input_ids=ids).logits
     diffs = {name: (model.eval()(input_ids=ids).logits - reference).abs().max().item() 
@@ -166,7 +167,8 @@ def test_a_pushed_adapter_goes_up_by_lfs_and_gives_the_runs_logits(lora_run, hub
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
+    from finetune.run_folder import read_recipe
 
     home = tmp_path / "hf-home"
     args = ["--repo-id", "me/tiny-adapter", "--revision", "dev", "--private"]
@@ -195,7 +197,7 @@ def test_a_pushed_adapter_goes_up_by_lfs_and_gives_the_runs_logits(lora_run, hub
     snapshot = download(hub, "me/tiny-adapter", ADAPTER_EXPORT, "dev", tmp_path / "cache")
     card = (snapshot / "README.md").read_text()
     assert read_front_matter(card) == {"library_name": "peft", "tags": ["finetune", "lora", "alpaca"]}
-    recipe = read_run_recipe(lora_run)
+    recipe = read_recipe(lora_run)
     config = json.loads((snapshot / "adapter_config.json").read_text())
     downloaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), snapshot

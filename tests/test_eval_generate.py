@@ -10,8 +10,9 @@ import torch
 
 from finetune.cli import main
 from finetune.data.build import build_datasets, load_rows, sources_of
-from finetune.eval.generate import Sampling, generate, load_target, read_run_recipe
+from finetune.eval.generate import Sampling, generate, load_target
 from finetune.eval.prompts import prompt_ids
+from finetune.run_folder import read_recipe
 
 from conftest import REPO
 
@@ -70,7 +71,7 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
     assert main(["generate", str(run), "--prompt", QUESTION["instruction"], "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
     ids = prompt_ids(tokenizer, PROMPT_FORMAT[name], QUESTION)
     expected = greedy_ids(model, tokenizer, ids, 6)
     assert generate(run, [QUESTION], Sampling(max_new_tokens=6), prompt_format=None, echo=None) == [expected]
@@ -81,7 +82,7 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
 @pytest.mark.parametrize("name", ["lora", "qlora-lima", "prompt-goat", "ia3-sharegpt"])
 def test_prompt_ids_are_the_masked_prefix_of_the_training_samples(name, tiny_run):
     run = tiny_run(name, **RUNS[name])
-    recipe = read_run_recipe(run)
+    recipe = read_recipe(run)
     _, tokenizer = load_target(run, recipe, device="cpu")
     samples = build_datasets(recipe.data, tokenizer, recipe.train.seed).train
     source = load_rows(sources_of(recipe.data)[0])
@@ -118,7 +119,7 @@ def test_a_file_of_prompts_is_answered_in_order(tiny_run, tmp_path, capsys):
     assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
     expected = []
     for number, row in enumerate([*rows, QUESTION], start=1):
         answer = greedy_ids(model, tokenizer, prompt_ids(tokenizer, "alpaca", row), 4)

@@ -161,9 +161,8 @@ def test_lima_conversations_are_read_from_json_lines_and_its_script_never_downlo
 
 def test_resume_refuses_a_run_whose_hub_inputs_moved(pinned_run, hub, tmp_path, monkeypatch, capsys):
     from finetune.cli import main
-    from finetune.eval.generate import read_run_recipe
+    from finetune.run_folder import RunDir, read_trained_recipe
     from finetune.train.resume import check_same_hub_inputs
-    from finetune.train.run_dir import RunDir
 
     interrupted = tmp_path / "interrupted"
     shutil.copytree(pinned_run, interrupted)
@@ -184,6 +183,6 @@ def test_resume_refuses_a_run_whose_hub_inputs_moved(pinned_run, hub, tmp_path, 
         "on what the interrupted one read (start a new run in another output.dir)"
     )
     assert "summary.json" not in {path.name for path in interrupted.iterdir()}
-    assert read_run_recipe(interrupted).model.revision == before  # merge, eval and generate load what it trained on
+    assert read_trained_recipe(interrupted).model.revision == before  # merge, eval, generate: what it trained on
     with pytest.raises(InputError, match=r"^--resume: hub inputs moved since the interrupted run: dataset "):
         check_same_hub_inputs(RunDir(interrupted), stored, [dict(data[0], commit="0" * 40)])

@@ -10,7 +10,7 @@ from finetune.data.build import build_datasets
 from finetune.model.adapters import count_parameters, wrap_adapter
 from finetune.model.load import load_model, load_tokenizer, resolve_source
 from finetune.recipe.load import load_recipe
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 from finetune.train.trainer import build_trainer
 
 METHODS = {

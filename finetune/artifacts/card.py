@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from finetune.model.methods import method_of, run_method_name
 from finetune.recipe.checks import looks_local
 from finetune.recipe.schema import Recipe
 
@@ -38,16 +39,15 @@ def model_card(run_path: Path, *, library: Library, files: list[str] = ()) -> st
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    from finetune.eval.generate import read_run_recipe
-    from finetune.report.runs import read_run
+    from finetune.run_folder import read_recipe, read_run
 
-    recipe = read_run_recipe(run_path)
+    recipe = read_recipe(run_path)
     run = read_run(run_path)
     recipe_text = run_path.joinpath("recipe.yaml").read_text(encoding="utf-8")
     body = [
         f"# {run.name}",
         "",
-        describe(recipe, run.method, library),
+        describe(recipe, run_method_name(run.recipe), library),
         "",
         "## Hyper-parameters",
         "",
@@ -92,8 +92,6 @@ def is_hub_id(name: str | None) -> bool:
 
 def method_tags(recipe: Recipe) -> list[str]:
     """Tags naming the method, as its adapter kind's method gives them (e.g. lora + qlora, ia3, prefix-tuning)."""
-    from finetune.model.methods import method_of
-
     return method_of(recipe.adapter).tags(recipe.adapter, recipe.quant.bits if recipe.quant else None)
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import InputError
+from finetune.run_folder import RunDir, read_trained_recipe, write_atomically
 
 Echo = Callable[[str], None]
 TYPES = ("f16", "q8_0")
@@ -93,11 +93,9 @@ def export_gguf(
     """
     from finetune.artifacts.merge import check_mergeable, merge_run
     from finetune.artifacts.shards import checkpoint_dtype, list_shards
-    from finetune.eval.generate import read_run_recipe
-    from finetune.train.run_dir import RunDir
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     target = Path(out) if out is not None else run_dir.path / f"model-{quant_type}.gguf"
     if target.exists() and not overwrite:
         raise InputError(f"--out: {target} exists; pass --overwrite to replace it")
@@ -134,24 +132,22 @@ def write_gguf(folder: Path, target: Path, quant_type: str, echo: Echo) -> None:
         )
     shards = list_shards(folder)
     plan = plan_tensors(shards, quant_type)
-    partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(partial, "llama")
-    try:
-        add_hyperparameters(writer, config, folder.name, quant_type)
-        add_vocabulary(writer, folder, config["vocab_size"])
-        for item in plan:
-            writer.add_tensor_info(item["name"], item["shape"], item["np_dtype"], item["nbytes"], item["raw_dtype"])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        write_tensors(writer, plan, config)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
-    shutil.move(partial, target)
+
+    def fill(partial: Path) -> None:
+        writer = gguf.GGUFWriter(partial, "llama")
+        try:
+            add_hyperparameters(writer, config, folder.name, quant_type)
+            add_vocabulary(writer, folder, config["vocab_size"])
+            for item in plan:
+                writer.add_tensor_info(item["name"], item["shape"], item["np_dtype"], item["nbytes"], item["raw_dtype"])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            write_tensors(writer, plan, config)
+        finally:
+            writer.close()
+
+    write_atomically(target, fill)
     counts = {}
     for item in plan:
         counts[item["type_name"]] = counts.get(item["type_name"], 0) + 1

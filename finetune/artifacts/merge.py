@@ -19,6 +19,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
@@ -57,14 +58,11 @@ def merge_run(
         InputError: a kind that cannot merge, no adapter, `out` not empty, base weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
-    from finetune.eval.generate import read_run_recipe
-    from finetune.train.run_dir import RunDir
-
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
-    claim_output(target, overwrite)
+    claim_folder(target, overwrite=overwrite, key="--out")
     dtype_name = dtype or output_dtype_name(recipe, device)
     if recipe.quant is not None:
         echo(
@@ -72,27 +70,23 @@ def merge_run(
             "16-bit base weights, so the merged model's outputs differ slightly from the quantized model it "
             "trained with"
         )
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+
+    def fill(partial: Path) -> tuple[int, float | None, float | None]:
         base = base_folder(recipe)
         shards = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
         write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
-        max_diff = tolerance = None
-        if verify:
-            from finetune.artifacts.verify import check_merged
+        if not verify:
+            return shards, None, None
+        from finetune.artifacts.verify import check_merged
 
-            max_diff, tolerance = check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
-        install(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        return shards, *check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
+
+    shards, max_diff, tolerance = write_folder(target, fill)
     echo(f"merged model ({dtype_name}, {shards} shard{'s' if shards > 1 else ''}) written to {target}")
     return MergeResult(target, dtype_name, shards, max_diff, tolerance)
 
 
-def check_mergeable(run_dir, recipe: Recipe) -> None:
+def check_mergeable(run_dir: RunDir, recipe: Recipe) -> None:
     """Only kinds whose method can fold its update into the base weights merge (checked before any download).
 
     Raises:
@@ -105,14 +99,6 @@ def check_mergeable(run_dir, recipe: Recipe) -> None:
         raise InputError(method.merge_refusal.format(run=run_dir.path, artifact=run_dir.model))
     if not (run_dir.adapter / "adapter_config.json").is_file():
         raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
-
-
-def claim_output(target: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked to replace it (checked before any work)."""
-    if target.exists() and not target.is_dir():
-        raise InputError(f"--out: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"--out: {target} is not empty; pass --overwrite to replace it")
 
 
 def output_dtype_name(recipe: Recipe, device: str) -> str:
@@ -153,7 +139,6 @@ def write_merged(
         shard_names,
         write_index,
     )
-
     from finetune.model.methods import method_of
 
     adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
@@ -224,15 +209,3 @@ def _embedding_rows(shards) -> int | None:
             if name.endswith("embed_tokens.weight"):
                 return info["shape"][0]
     return None
-
-
-def install(partial: Path, target: Path) -> None:
-    """Put the finished folder in place; a previous `target` (with --overwrite) is removed only now."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old)
-    else:
-        partial.rename(target)

@@ -7,37 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import InputError
-from finetune.recipe.load import load_recipe
+from finetune.model.methods import method_of
 from finetune.recipe.schema import Recipe
-
-
-def read_run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run folder was trained with.
-
-    The files it names are not required to exist any more: the run is a record, and its relative paths
-    were relative to the directory it was trained from. A base model read from a hub comes back pinned
-    to the commit the run trained on (environment.json), so merge, eval and generate load the weights the
-    adapter was trained against even after the recipe's branch moved.
-
-    Raises:
-        InputError: the folder is not a run folder, or one written by an incompatible version.
-    """
-    import json
-
-    from finetune.train.run_dir import RunDir, check_run_format
-
-    if not (run_dir / "recipe.yaml").is_file():
-        raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
-    check_run_format(RunDir(run_dir))
-    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
-    try:
-        trained = json.loads(RunDir(run_dir).environment.read_text(encoding="utf-8"))["hub_inputs"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return recipe  # a local base, or a run from before commits were recorded
-    separate_tokenizer = recipe.model.tokenizer not in (None, recipe.model.name_or_path)
-    if trained.get("repo_id") != recipe.model.name_or_path or separate_tokenizer:
-        return recipe  # model.revision applies to a tokenizer repo too: its commit is the model's only here
-    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": trained["commit"]})})
+from finetune.run_folder import RunDir, read_trained_recipe
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
@@ -47,9 +19,7 @@ def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
     Raises:
         InputError: the run has no trained artifact.
     """
-    from finetune.train.run_dir import RunDir
-
-    artifact = RunDir(run_dir).artifact(recipe.adapter.kind)
+    artifact = RunDir(run_dir).path / method_of(recipe.adapter).artifact_folder
     if not artifact.is_dir():
         raise InputError(f"{run_dir}: has no {artifact.name}/; did the run finish?")
     return load_folder(artifact, recipe, device=device)
@@ -230,7 +200,7 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
 
     sampling.check()
     target = Path(target)
-    recipe = read_run_recipe(target) if (target / "recipe.yaml").is_file() else None
+    recipe = read_trained_recipe(target) if (target / "recipe.yaml").is_file() else None
     model, tokenizer = load_target(target, recipe, device=pick_device(recipe.train.use_cpu if recipe else False))
     chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None

@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from finetune.model.methods import method_of
 from finetune.model.methods.lora import lora_targets
-from finetune.model.shape import ModelShape
 from finetune.recipe.checks import parse_memory_size as parse_size
 from finetune.recipe.schema import FullSpec, LoraSpec, PromptSpec, Recipe
+
+if TYPE_CHECKING:  # shapes come from model/shape.py through the callers: the planner reads no model
+    from finetune.model.shape import ModelShape
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -314,22 +317,22 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
 
 
 def plan_report(
-    recipe: Recipe, recipe_path: str, *, gpu_memory: str | None, world_size: int, model_params: str | None
+    recipe: Recipe, recipe_path: str, shape: ModelShape, model: str, *, gpu_memory: str | None, world_size: int
 ) -> str:
     """`finetune plan`: the printed plan of a recipe.
 
     Args:
         recipe: the validated recipe.
         recipe_path: shown in the title.
+        shape: the sizes of the model planned for (the recipe's, or a LLaMA-1 size).
+        model: how the title names that model.
         gpu_memory: the --gpu-memory text (e.g. 24GiB); None: train.gpu_memory, if set.
         world_size: GPUs the model is sharded over.
-        model_params: a LLaMA-1 size (7B, 13B, 33B, 65B) in place of the recipe's model.
 
     Raises:
-        InputError: a bad size or world size, or no readable config.json.
+        InputError: a bad size or world size.
     """
     from finetune.errors import InputError
-    from finetune.model.shape import LLAMA1_SHAPES, read_shape
 
     if world_size < 1:
         raise InputError(f"--world-size: must be at least 1 (got {world_size})")
@@ -338,10 +341,6 @@ def plan_report(
         memory = parse_size(gpu_memory) if gpu_memory else None
     except ValueError as e:
         raise InputError(f"--gpu-memory: {e}") from None
-    if model_params:
-        shape, model = LLAMA1_SHAPES[model_params], f"LLaMA-{model_params} shape"
-    else:
-        shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
     largest = largest_micro_batch(recipe, shape, world_size=world_size, gpu_memory=memory) if memory else None
     auto = recipe.train.micro_batch_size == "auto"
     micro = (largest or 1) if auto else None  # auto: the plan of what `finetune run` would choose

@@ -57,3 +57,8 @@ def listing_name(adapter: dict | None, quant_bits: int | None) -> str:
     except ValidationError:
         return str((adapter or {}).get("kind", "?"))
     return method_of(spec).name(spec, quant_bits)
+
+
+def run_method_name(recipe: dict) -> str:
+    """The method of a run folder's recipe (a mapping, as read back), as listings and cards name it."""
+    return listing_name(recipe.get("adapter"), (recipe.get("quant") or {}).get("bits"))
