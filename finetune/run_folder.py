@@ -4,8 +4,10 @@ Everything a run leaves is here, and every command (run, resume, eval, generate,
 report, runs, compare) reads it through this module:
 
 recipe.yaml        the resolved recipe, every default filled in (batch sizes as numbers)
-environment.json   library versions, Python, platform, device, git commit of finetune, run_format
-data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+environment.json   library versions, Python, platform, device, git commit of finetune, run_format, and the
+                   hub commits the model and tokenizer were read at (hub_inputs)
+data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint, and the
+                   hub commit of each data set (hub_inputs)
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
