@@ -113,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50; 0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
-    push = verb("push", cmd_push, "upload a run's adapter (or merged model) to a Hugging Face hub repo", recipe=False)
+    push = verb("push", cmd_push, "upload a run's adapter, merged model or GGUF file to a hub repo", recipe=False)
     push.add_argument("run_dir", metavar="RUN_DIR")
     push.add_argument("--repo-id", required=True, help="namespace/name; created if missing")
-    push.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    what = push.add_mutually_exclusive_group()
+    what.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    what.add_argument(
+        "--gguf", action="store_true", help="upload RUN_DIR/model-*.gguf (from finetune export --format gguf)"
+    )
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default main)")
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
@@ -421,6 +425,7 @@ def cmd_push(args) -> int:
         args.run_dir,
         args.repo_id,
         merged=args.merged,
+        gguf=args.gguf,
         private=args.private,
         revision=args.revision,
         dry_run=args.dry_run,

@@ -4,8 +4,10 @@ Everything a run leaves is here, and every command (run, resume, eval, generate,
 report, runs, compare) reads it through this module:
 
 recipe.yaml        the resolved recipe, every default filled in (batch sizes as numbers)
-environment.json   library versions, Python, platform, device, git commit of finetune, run_format
-data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+environment.json   library versions, Python, platform, device, git commit of finetune, run_format, and the
+                   hub commits the model and tokenizer were read at (hub_inputs)
+data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint, and the
+                   hub commit of each data set (hub_inputs)
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
@@ -264,6 +266,24 @@ def read_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     run = open_run(path)
     check_run_format(run)
     return load_recipe(run.recipe, [*overrides, f"output.dir={json.dumps(str(run.path))}"], check_files=check_files)
+
+
+def read_trained_recipe(path: str | Path) -> Recipe:
+    """`read_recipe` of a finished run, its hub base model pinned to the commit the run trained on
+    (environment.json's hub_inputs): merge, export, eval and generate then load the weights the adapter
+    was trained against even after the recipe's branch moved. A local base, a base whose tokenizer comes
+    from another repo (model.revision applies to that one too) or a run without the record: as stored.
+
+    Raises:
+        InputError: not a run folder, or one written by an incompatible version.
+        RecipeError: the stored recipe is not valid.
+    """
+    recipe = read_recipe(path)
+    trained = read_json(open_run(path).environment).get("hub_inputs", {}).get("model")
+    own_tokenizer = recipe.model.tokenizer in (None, recipe.model.name_or_path)
+    if not trained or trained.get("repo_id") != recipe.model.name_or_path or not own_tokenizer:
+        return recipe
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": trained["commit"]})})
 
 
 def read_recipe_mapping(path: str | Path) -> dict:

@@ -3,8 +3,11 @@ writers."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,20 @@ import yaml
 from finetune.model.tiny import FAMILIES  # noqa: F401 (the tests' list of families; names only, no torch)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _private_hub_environment() -> None:
+    """No test reads or fills the user's hub cache, login, endpoint or offline setting: huggingface_hub
+    reads them once, when first imported, so they are set here, before any test imports it. Xet is off
+    because the suite's hub server (tests/hub_server.py) speaks LFS only."""
+    for name in [name for name in os.environ if name.startswith("HF_") or name == "TRANSFORMERS_OFFLINE"]:
+        del os.environ[name]
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+    os.environ |= {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+_private_hub_environment()
 SAMPLE_DATA = REPO / "data" / "alpaca_sample.json"
 # what `finetune export --format adapter` writes for a LoRA run on the tiny LLaMA
 ADAPTER_EXPORT = [

@@ -5,6 +5,8 @@ The inputs live in tests/bad_inputs/ (each breaks good.yaml, or the data and mod
 place). A case is one entry of CASES; `{bad}` is that folder, `{run}` a finished run folder that every
 command must leave untouched, `{copy}` a copy of it that the case's `setup` breaks first. A message
 starting with `re:` is a regular expression (for the parts that are library wording); the rest are exact.
+Hub cases name repos of the suite's hub server (tests/hub_repos.py), reached through the case's `env`
+(`{hub}` is the server's URL), without a token.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from finetune.cli import main
 from finetune.lock import Holder, claim_file
 
 from conftest import REPO
+from hub_repos import GATED_ID, MODEL_ID, PICKLED_ID, PRIVATE_ID, serve_test_repos
+from hub_server import HubServer
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 GOOD = "good.yaml"
@@ -40,6 +44,7 @@ class Case:
     exit_code: int
     message: str
     setup: Callable[[Path], None] | None = None  # breaks {copy}, a copy of the finished run
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the case ({hub}: the hub's URL)
 
 
 def edit_yaml(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -94,6 +99,8 @@ def claimed(where: str = "", *, beside: bool = False, host: str | None = None) -
 HELD = "pid 1 on {host} (finetune run good.yaml, since 2026-01-01 00:00:00 UTC)"
 WAIT = "wait for it to end, or stop it first"
 NO_FOLDER = "give a local model folder or a hub id such as huggyllama/llama-7b"
+HUB = (("HF_ENDPOINT", "{hub}"),)
+LOGIN = "log in with `hf auth login` or set HF_TOKEN"
 TINY = str(REPO / "data" / "tiny-llama")
 
 CASES = [
@@ -263,6 +270,38 @@ CASES = [
          "re:error: model.name_or_path: cannot load a tokenizer from '{bad}/model_no_tokenizer': .*"),
     Case("model-remote-code", run_over("model.name_or_path=model_remote_code", f"model.tokenizer={TINY}"), 2,
          "re:error: model.name_or_path: {bad}/model_remote_code ships its own Python code .*"),
+    # --- hub repos (nothing is written: the run folder stays as it was)
+    Case("hub-unknown-repo", run_over("model.name_or_path=test-org/no-such-model"), 2,
+         "error: model.name_or_path: test-org/no-such-model: no such model repo, or it is private or gated and no "
+         f"token is set: {LOGIN}", env=HUB),
+    Case("hub-private-repo-without-token", run_over(f"model.name_or_path={PRIVATE_ID}"), 2,
+         f"error: model.name_or_path: {PRIVATE_ID}: no such model repo, or it is private or gated and no token is "
+         f"set: {LOGIN}", env=HUB),
+    Case("hub-gated-repo-without-token", run_over(f"model.name_or_path={GATED_ID}"), 2,
+         f"error: model.name_or_path: {GATED_ID}: a gated model: accept its conditions on the hub's page for "
+         f"{GATED_ID}, then {LOGIN}", env=HUB),
+    Case("hub-unknown-revision", run_over(f"model.name_or_path={MODEL_ID}", "model.revision=no-such-branch"), 2,
+         f"error: model.name_or_path: {MODEL_ID} (revision no-such-branch): no revision 'no-such-branch' (a branch, "
+         "tag or commit) in the model repo", env=HUB),
+    Case("hub-data-unknown-revision", run_over("data.path=test-org/alpaca-sample", "data.revision=v9"), 2,
+         "error: data.path: test-org/alpaca-sample (revision v9): no revision 'v9' (a branch, tag or commit) in the "
+         "dataset repo", env=HUB),
+    Case("hub-unknown-dataset", run_over("data.path=test-org/no-such-data"), 2,
+         "error: data.path: test-org/no-such-data: no such dataset repo, or it is private or gated and no token is "
+         f"set: {LOGIN}", env=HUB),
+    Case("hub-data-unknown-split", run_over("data.path=test-org/alpaca-sample", "data.split=validation"), 2,
+         "re:error: test-org/alpaca-sample: cannot load dataset \\(split 'validation'\\): ValueError: .*validation.*",
+         env=HUB),
+    Case("hub-offline-not-cached", run_over("model.name_or_path=test-org/never-downloaded"), 2,
+         "error: model.name_or_path: test-org/never-downloaded: offline (HF_HUB_OFFLINE=1), and not in the local "
+         "cache; run once online or give a local folder", env=(*HUB, ("HF_HUB_OFFLINE", "1"))),
+    Case("hub-unreachable-not-cached", run_over("model.name_or_path=test-org/never-downloaded"), 2,
+         "error: model.name_or_path: test-org/never-downloaded: cannot reach the hub at http://127.0.0.1:9, and not "
+         "in the local cache; run once online or give a local folder", env=(("HF_ENDPOINT", "http://127.0.0.1:9"),)),
+    Case("hub-repo-without-safetensors", run_over(f"model.name_or_path={PICKLED_ID}"), 2,
+         f"re:error: model\\.name_or_path: {PICKLED_ID} has no weights in safetensors files \\(\\*\\.safetensors\\) at "
+         "commit [0-9a-f]{40}; pickled weights \\(\\*\\.bin, \\*\\.pt\\) load only with "
+         "model\\.allow_pickle_weights: true, if you trust them", env=HUB),
     # --- run folders
     Case("eval-not-a-run-folder", ("eval", "."), 2, "error: .: not a run folder (no recipe.yaml)"),
     Case("report-not-a-run-folder", ("report", "."), 2, "error: .: not a run folder (no recipe.yaml)"),
@@ -374,10 +413,19 @@ def expected_message(case: Case, places: dict[str, str]) -> re.Pattern:
     return re.compile(pattern)
 
 
+@pytest.fixture(scope="module")
+def hub():
+    server = serve_test_repos(HubServer())
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_broken_input_gives_its_message(case, request, tmp_path, monkeypatch, capsys):
     needs_run = case.setup or any("{run}" in arg or "{copy}" in arg for arg in case.args)
     finished_run = request.getfixturevalue("finished_run") if needs_run else tmp_path / "no-run"
+    for name, value in case.env:
+        monkeypatch.setenv(name, value.replace("{hub}", request.getfixturevalue("hub").url))
     monkeypatch.chdir(BAD)
     copy = tmp_path / "copy"
     if case.setup:

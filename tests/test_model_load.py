@@ -94,7 +94,10 @@ def test_an_unreachable_hub_id_is_a_clear_error_not_a_traceback(write_recipe, tm
         [sys.executable, "-m", "finetune", "run", str(recipe)], capture_output=True, text=True, env=env, cwd=REPO
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: model.name_or_path: cannot load a tokenizer from 'no-such-org/no-such-model'")
+    assert done.stderr == (
+        "error: model.name_or_path: no-such-org/no-such-model: offline (HF_HUB_OFFLINE=1), and not in the local "
+        "cache; run once online or give a local folder\n"
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError, InputError
 from finetune.model.methods import method_of
 from finetune.recipe.schema import ModelSpec, Recipe
-from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
@@ -65,7 +65,7 @@ def export_adapter(
     from finetune.lock import claim
 
     run = Path(run_path)
-    recipe = read_recipe(run)
+    recipe = read_trained_recipe(run)
     whole_model = recipe.adapter.kind == "none"
     target = Path(out) if out is not None else run / "export" / ("model" if whole_model else "adapter")
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock):

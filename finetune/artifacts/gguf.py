@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import InputError
-from finetune.run_folder import RunDir, read_recipe, write_atomically
+from finetune.run_folder import RunDir, read_trained_recipe, write_atomically
 
 Echo = Callable[[str], None]
 TYPES = ("f16", "q8_0")
@@ -97,7 +97,7 @@ def export_gguf(
     from finetune.lock import claim
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     target = Path(out) if out is not None else run_dir.path / f"model-{quant_type}.gguf"
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
         return write_run_gguf(run_dir, recipe, target, quant_type, overwrite=overwrite, echo=echo)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
@@ -64,7 +64,7 @@ def merge_run(
     from finetune.lock import claim
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
@@ -138,10 +138,9 @@ def base_folder(recipe: Recipe) -> Path:
     name = recipe.model.name_or_path
     if looks_local(name):
         return Path(name).expanduser().resolve()
-    from huggingface_hub import snapshot_download
+    from finetune.model.load import fetch_model
 
-    patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model"]
-    return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=patterns))
+    return fetch_model(recipe.model).folder
 
 
 def write_merged(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, read_recipe
+from finetune.run_folder import RunDir, read_trained_recipe
 
 Echo = Callable[[str], None]
 
@@ -29,7 +29,7 @@ def evaluate(
     from finetune.model.load import pick_device
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     formats = recipe.data.formats
     if "goat" not in formats:
         raise InputError(

@@ -9,7 +9,7 @@ from pathlib import Path
 from finetune.errors import InputError
 from finetune.model.methods import method_of
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, read_recipe
+from finetune.run_folder import RunDir, read_trained_recipe
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
@@ -213,7 +213,7 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
 
     sampling.check()
     target = Path(target)
-    recipe = read_recipe(target) if (target / "recipe.yaml").is_file() else None
+    recipe = read_trained_recipe(target) if (target / "recipe.yaml").is_file() else None
     model, tokenizer = load_target(target, recipe, device=pick_device(recipe.train.use_cpu if recipe else False))
     chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None

@@ -132,14 +132,10 @@ def read_shape(name_or_path: str, revision: str | None = None) -> ModelShape:
 
 
 def _download_config(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from finetune.hub_files import download
 
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"model.name_or_path: cannot fetch config.json of {repo_id!r}: {first_line}; "
-            f"give a local folder or --model-params ({', '.join(KNOWN_SHAPES)})"
-        ) from None
+        files = download(repo_id, key="model.name_or_path", revision=revision, patterns=["config.json"])
+    except InputError as e:
+        raise InputError(f"{e}; or give --model-params ({', '.join(KNOWN_SHAPES)})") from None
+    return files.folder / "config.json"
