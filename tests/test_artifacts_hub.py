@@ -113,7 +113,7 @@ models = {
 trained = load_trained(run, read_trained_recipe(run), device="cpu")[0]
 with torch.no_grad():
     reference = trained(input_ids=ids).logits
-    diffs = {name: (model.eval()(input_ids=ids).logits - reference).abs().max().item() 
+    diffs = {name: (model.eval()(input_ids=ids).logits - reference).abs().max().item()
              for name, model in models.items()}
 print(json.dumps(diffs))
 """
