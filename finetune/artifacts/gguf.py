@@ -62,8 +62,7 @@ def export_gguf(
         InputError: a prefix/prompt run, a model family or tokenizer llama.cpp's conventions are not written for
             here (before any merge), `out` exists.
     """
-    from finetune.artifacts.merge import base_folder, check_mergeable, merge_run
-    from finetune.artifacts.shards import checkpoint_dtype, list_shards
+    from finetune.artifacts.merge import check_mergeable, merge_run
     from finetune.eval.generate import read_run_recipe
     from finetune.train.run_dir import RunDir
 
@@ -79,10 +78,9 @@ def export_gguf(
         return target
     check_mergeable(run_dir, recipe)
     check_run_exportable(run_dir, recipe)
-    # merged in the base checkpoint's own dtype: nothing is lost before the GGUF types are chosen
-    dtype = str(checkpoint_dtype(list_shards(base_folder(recipe)))).removeprefix("torch.")
     with tempfile.TemporaryDirectory(dir=run_dir.path, prefix=".gguf-") as scratch:
-        merged = merge_run(run_dir.path, out=Path(scratch) / "merged", dtype=dtype, echo=echo).path
+        # in the base checkpoint's own dtype (merge's default): nothing is lost before the GGUF types are chosen
+        merged = merge_run(run_dir.path, out=Path(scratch) / "merged", echo=echo).path
         write_gguf(merged, target, quant_type, echo, where=run_dir.path)
     return target
 

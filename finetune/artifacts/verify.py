@@ -17,6 +17,9 @@ from finetune.recipe.schema import Recipe
 # max |merged - adapter| allowed, as a share of the largest adapter logit (at least 1): float32 differs only
 # by the order of the sums; 16-bit weights are rounded once after the merge.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# ... and at most this share of the adapter's own effect max |adapter - base|: a merge that dropped the
+# update differs from the adapter by exactly that effect, which 16-bit rounding alone could hide.
+EFFECT_SHARE = 0.25
 FALLBACK_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes it."
 
 
@@ -37,30 +40,47 @@ def check_merged(merged: Path, adapter_dir: Path, recipe: Recipe, dtype_name: st
     gc.collect()
     model = load_adapter_model(recipe, adapter_dir, dtype_name, device, tokenizer)
     adapter_logits = logits_of(model, prompts)
-    with model.disable_adapter():  # one sample is enough to show the adapter does something
-        base_logits = logits_of(model, prompts[:1])
+    with model.disable_adapter():
+        base_logits = logits_of(model, prompts)
     del model
     gc.collect()
 
-    diff = max((m - a).abs().max().item() for m, a in zip(merged_logits, adapter_logits, strict=True))
-    effect = (adapter_logits[0] - base_logits[0]).abs().max().item()
-    scale = max(a.abs().max().item() for a in adapter_logits)
-    tolerance = RELATIVE_TOLERANCE[dtype_name] * max(1.0, scale)
+    diff = max_difference(merged_logits, adapter_logits)
+    effect = max_difference(adapter_logits, base_logits)
+    tolerance = merge_tolerance(dtype_name, max(a.abs().max().item() for a in adapter_logits), effect)
     tokens = sum(len(ids) for ids in prompts)
     echo(
         f"check: {len(prompts)} training samples ({tokens} tokens): max |merged - adapter| logit difference "
-        f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype_name}); on the first, the adapter moves the base's logits "
-        f"by up to {effect:.3g}"
+        f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype_name}); the adapter moves the base's logits by up to "
+        f"{effect:.3g}"
     )
     if effect == 0:
         echo("warning: the adapter does not change the base model's logits (were its B matrices ever trained?)")
     if not diff <= tolerance:  # NaN fails too
         raise FinetuneError(
             f"merge check failed: the merged model's logits differ from the adapter model's by {diff:.3g}, above "
-            f"the {dtype_name} tolerance {tolerance:.3g}; nothing was written. Try --dtype float32, or pass "
-            "--no-verify to write the merged weights unchecked"
+            f"the {dtype_name} tolerance {tolerance:.3g} (the adapter's own effect is {effect:.3g}); nothing was "
+            "written. Try --dtype float32, or pass --no-verify to write the merged weights unchecked"
         )
     return diff, tolerance
+
+
+def max_difference(first: list, second: list) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
+
+
+def merge_tolerance(dtype_name: str, scale: float, effect: float) -> float:
+    """The largest |merged - adapter| logit difference a correct merge in `dtype_name` may show.
+
+    A share of the largest logit covers rounding; it is capped by a share of the adapter's effect, so that a
+    merge that lost the update (merged == base, off by the whole effect) can never pass. An adapter with no
+    effect at all leaves nothing to lose, and only rounding is bounded.
+
+    >>> merge_tolerance("bfloat16", scale=20.0, effect=2.0)
+    0.5
+    """
+    rounding = RELATIVE_TOLERANCE[dtype_name] * max(1.0, scale)
+    return min(rounding, EFFECT_SHARE * effect) if effect > 0 else rounding
 
 
 def load_adapter_model(recipe: Recipe, adapter_dir: Path, dtype_name: str, device: str, tokenizer):
