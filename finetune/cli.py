@@ -131,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key")
     stats.add_argument("--debug", action="store_true", help="show the traceback of errors")
     stats.set_defaults(handler=cmd_data_stats)
-    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
+    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random model + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
+    tiny.add_argument(
+        "--family",
+        choices=("llama", "llama3", "mistral", "qwen2"),
+        default="llama",
+        help="llama (LLaMA-1/2, SentencePiece), llama3 (Llama-3.1, byte-level BPE), mistral, qwen2 (Qwen2.5, "
+        "ChatML) (default llama)",
+    )
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
@@ -340,7 +347,7 @@ def cmd_data_goat(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
-    from finetune.model.tiny import TinyShape, build_tiny_llama
+    from finetune.model.tiny import TinyShape, build_tiny
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
@@ -350,7 +357,8 @@ def cmd_tiny_model(args) -> int:
         num_hidden_layers=args.layers,
         initializer_range=args.init_std,
     )
-    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
+    out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
+    print(f"tiny {args.family} model written to {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny LLaMA + SentencePiece tokenizer built once per session, and recipe writers."""
+"""Shared fixtures: tiny models of each family with their own tokenizers, built once per session, and recipe
+writers."""
 
 from __future__ import annotations
 
@@ -36,17 +37,43 @@ def private_data_cache(tmp_path_factory):
         os.environ["FINETUNE_CACHE_DIR"] = previous
 
 
+FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+
+
+def _sample_texts() -> list[str]:
+    rows = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
+    return [value for row in rows for value in row.values() if value]
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory, tiny_model_dir):
+    """family_model_dir(family) -> folder of a tiny random model of `family` (llama, llama3, mistral, qwen2)
+    with its own tokenizer kind, built once per session; `llama` is `tiny_model_dir`."""
+    from finetune.model.tiny import TinyShape, build_tiny
+
+    built: dict[str, Path] = {"llama": tiny_model_dir}
+    shape = TinyShape(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            built[family] = build_tiny(family, out, _sample_texts(), seed=0, shape=shape)
+        return built[family]
+
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder that `from_pretrained` loads: config, safetensors weights, tokenizer (built from a seed)."""
     from finetune.model.tiny import TinyShape, build_tiny_llama
 
-    rows = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
-    texts = [value for row in rows for value in row.values() if value]
     shape = TinyShape(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
     )
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, seed=0, shape=shape)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _sample_texts(), seed=0, shape=shape)
 
 
 @pytest.fixture(scope="session")
