@@ -64,10 +64,10 @@ def family_of(config, where: str | Path) -> Family:
     """
     model_type = config.model_type
     if model_type not in FAMILIES:
-        supported = ", ".join(f"{name} (as {family.arch})" for name, family in FAMILIES.items())
+        architectures = ", ".join(getattr(config, "architectures", None) or [model_type])
         raise InputError(
-            f"{where}: GGUF export supports {supported} models; this model's architecture is {model_type!r} "
-            f"({', '.join(getattr(config, 'architectures', None) or [model_type])})"
+            f"{where}: GGUF export writes the model types {', '.join(FAMILIES)} (Llama-1/2/3.x, Mistral, "
+            f"Qwen2/2.5); this model is {model_type!r} ({architectures})"
         )
     rope_type = rope_parameters(config).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:

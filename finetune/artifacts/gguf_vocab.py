@@ -56,8 +56,8 @@ def vocabulary_kind(folder: Path, *, has_sentencepiece: bool) -> VocabKind:
         if split not in PRE_TOKENIZERS:
             raise InputError(
                 f"{folder / 'tokenizer.json'}: GGUF export knows the byte-level BPE pre-tokenizers of Llama-3 "
-                f"(llama-bpe) and Qwen2 (qwen2); this one splits text with {split!r}, which llama.cpp would not "
-                "reproduce"
+                f"(llama-bpe) and Qwen2 (qwen2); this one splits text with the expression {split}, which llama.cpp "
+                "would not reproduce"
             )
         return VocabKind("gpt2", PRE_TOKENIZERS[split])
     if has_sentencepiece:
