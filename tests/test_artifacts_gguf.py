@@ -212,7 +212,8 @@ def test_gguf_tensors_and_hyperparameters_per_family(family, family_export):
     arch = field(reader, "general.architecture")
     assert arch == CONVENTIONS[family][0]
     tensors = {t.name: t for t in reader.tensors}
-    assert set(tensors) == {gguf_name(name) for name in merged} | ({"rope_freqs.weight"} if family == "llama3" else set())
+    computed = {"rope_freqs.weight"} if family == "llama3" else set()
+    assert set(tensors) == {gguf_name(name) for name in merged} | computed
     assert ("output.weight" in tensors) == (not config.tie_word_embeddings) == (family != "qwen2")
     assert any(name.endswith(".bias") for name in tensors) == (family == "qwen2")
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
@@ -265,7 +266,8 @@ def test_gguf_vocabulary_and_special_tokens_per_family(family, family_export):
         for i, added in tokenizer.added_tokens_decoder.items():
             assert types[i] == (gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
     else:
-        assert "tokenizer.ggml.merges" not in reader.fields and len(field(reader, "tokenizer.ggml.scores")) == len(tokens)
+        assert "tokenizer.ggml.merges" not in reader.fields
+        assert len(field(reader, "tokenizer.ggml.scores")) == len(tokens)
         assert [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.BYTE] == [
             f"<0x{b:02X}>" for b in range(256)
         ]

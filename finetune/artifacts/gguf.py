@@ -100,9 +100,14 @@ def check_run_exportable(run_dir, recipe) -> None:
     from finetune.recipe.checks import looks_local
 
     spec = recipe.model
-    config = AutoConfig.from_pretrained(
-        resolve_source(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_source(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{run_dir.path}: cannot read the config of the base model {spec.name_or_path} ({str(e).splitlines()[0]})"
+        ) from e
     family_of(config, run_dir.path)
     sources = [spec.tokenizer or spec.name_or_path, spec.name_or_path]
     # a hub base's tokenizer.model arrives with its snapshot; write_gguf checks again after the merge

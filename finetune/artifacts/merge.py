@@ -3,16 +3,16 @@
 Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
 with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
 is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
-model. The output keeps the
-base's sharding, with an index when there is more than one file, plus config.json (dtype set),
-generation_config.json and the run's tokenizer. Weights keep the base checkpoint's dtype unless told
-otherwise, so a bf16 base gives a bf16 merge.
+model. The output keeps the base's sharding, with an index when there is more than one file, plus
+config.json (dtype set), generation_config.json and the run's tokenizer. Weights keep the base
+checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16 merge. It is written to
+`OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT: a merge that fails
+leaves nothing that looks usable.
 
 A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
 the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
-(LoRA on lm_head or embed_tokens, or either in modules_to_save), the adapter model's input embedding and
-output head differ, so both are written and config.json says `tie_word_embeddings: false`. It is written to `OUT.partial`, checked (see
-`artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
+(LoRA on embed_tokens, or either in modules_to_save), the adapter model's input embedding and output head
+differ, so both are written and config.json says `tie_word_embeddings: false`.
 """
 
 from __future__ import annotations
