@@ -179,11 +179,11 @@ def safetensors_dtypes(folder) -> set[str]:
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2"])
-def test_a_bf16_base_merges_in_bf16_per_family(family, family_lora_run, bf16_model_dir):
+def test_a_bf16_base_merges_in_bf16_per_family(family, family_lora_run, bf16_model_dir, tmp_path):
     """Default dtype is the base's; the config (rope scaling, sliding window, tied head) and Qwen2's q/k/v
     biases are carried; merged logits are the adapter's up to bf16 rounding, far below the adapter's effect."""
     base, run_dir = bf16_model_dir(family), family_lora_run(family)
-    result = merge_run(run_dir, echo=lambda _: None)
+    result = merge_run(run_dir, out=tmp_path / "merged", echo=lambda _: None)
     merged = result.path
     assert result.dtype == "bfloat16" and safetensors_dtypes(merged) == {"BF16"}
     assert result.max_diff <= result.tolerance
@@ -213,11 +213,13 @@ EMBEDDING_CHANGES = {
 
 
 @pytest.mark.parametrize("adapter", EMBEDDING_CHANGES.values(), ids=EMBEDDING_CHANGES.keys())
-def test_a_tied_head_is_untied_when_the_adapter_changes_the_embedding(adapter, family_lora_run, bf16_model_dir):
+def test_a_tied_head_is_untied_when_the_adapter_changes_the_embedding(
+    adapter, family_lora_run, bf16_model_dir, tmp_path
+):
     """Qwen2's head is its embedding; an adapter on embed_tokens changes the input side only (peft's output head
     keeps the base matrix), so the merged folder holds both matrices, untied."""
     base, run_dir = bf16_model_dir("qwen2"), family_lora_run("qwen2", **adapter)
-    result = merge_run(run_dir, echo=lambda _: None)
+    result = merge_run(run_dir, out=tmp_path / "merged", echo=lambda _: None)
     assert json.loads((result.path / "config.json").read_text())["tie_word_embeddings"] is False
     tensors, base_tensors = load_file(result.path / "model.safetensors"), load_file(base / "model.safetensors")
     assert "lm_head.weight" not in base_tensors
@@ -235,10 +237,11 @@ def test_a_merge_that_kept_the_tie_would_fail_the_check(family_lora_run, tmp_pat
     from safetensors.torch import save_file
 
     run_dir = family_lora_run("qwen2", **EMBEDDING_CHANGES["embeddings-trained-in-full"])
-    assert main(["merge", str(run_dir), "--out", str(run_dir / "untied")]) == 0
+    untied = tmp_path / "untied"
+    assert main(["merge", str(run_dir), "--out", str(untied)]) == 0
     assert "both are written, untied" in capsys.readouterr().out
     kept_tie = tmp_path / "kept-tie"
-    shutil.copytree(run_dir / "untied", kept_tie)
+    shutil.copytree(untied, kept_tie)
     tensors = load_file(kept_tie / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, kept_tie / "model.safetensors", metadata={"format": "pt"})
@@ -248,18 +251,18 @@ def test_a_merge_that_kept_the_tie_would_fail_the_check(family_lora_run, tmp_pat
     ids = family_ids(run_dir)
     adapter, base = adapter_and_base_float32_logits(run_dir, ids)
     effect, scale = (adapter - base).abs().max().item(), adapter.abs().max().item()
-    assert (float32_logits(run_dir / "untied", ids) - adapter).abs().max().item() < 0.05 * effect
+    assert (float32_logits(untied, ids) - adapter).abs().max().item() < 0.05 * effect
     kept_tied = (float32_logits(kept_tie, ids) - adapter).abs().max().item()
     assert kept_tied > merge_tolerance("bfloat16", scale, effect)
 
 
-def test_a_bf16_merge_that_loses_the_update_fails_its_check(family_lora_run, monkeypatch, capsys):
+def test_a_bf16_merge_that_loses_the_update_fails_its_check(family_lora_run, monkeypatch, tmp_path, capsys):
     run_dir = family_lora_run("qwen2")
     monkeypatch.setattr(Adapter, "apply", lambda self, name, tensor: tensor)  # a merge that forgets every update
-    assert main(["merge", str(run_dir), "--out", str(run_dir / "lost")]) == 1
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "lost")]) == 1
     err = capsys.readouterr().err
     assert "merge check failed" in err and "above the bfloat16 tolerance" in err
-    assert not (run_dir / "lost").exists()
+    assert not (tmp_path / "lost").exists() and not (tmp_path / "lost.partial").exists()
 
 
 def test_dtype_flag_overrides_the_bases(family_lora_run, tmp_path):
