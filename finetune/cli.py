@@ -149,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
     plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    from finetune.model.shape import KNOWN_SHAPES  # sizes only: no torch
+
     plan.add_argument(
-        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+        "--model-params",
+        choices=tuple(KNOWN_SHAPES),
+        metavar="SHAPE",
+        help=f"plan for a published shape instead of the recipe's model: {', '.join(KNOWN_SHAPES)} "
+        "(7B..65B are LLaMA-1)",
     )
     add_merge_verb(verb)
     return parser
@@ -179,10 +185,17 @@ def add_merge_verb(verb) -> None:
 
 def cmd_merge(args) -> int:
     from finetune.artifacts.merge import merge_run
+    from finetune.quiet import quiet_libraries
 
-    merge_run(
-        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
-    )
+    with quiet_libraries():
+        merge_run(
+            args.run_dir,
+            out=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     return 0
 
 
@@ -366,9 +379,12 @@ def cmd_generate(args) -> int:
     from finetune.eval.generate import Sampling, generate
     from finetune.eval.prompts import read_prompts
 
+    from finetune.quiet import quiet_libraries
+
     rows = read_prompts(args.prompt, args.file)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    generate(args.target, rows, sampling, prompt_format=args.format)
+    with quiet_libraries():
+        generate(args.target, rows, sampling, prompt_format=args.format)
     return 0
 
 
@@ -387,7 +403,10 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return EXPORT_FORMATS[args.format](args)
+    from finetune.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return EXPORT_FORMATS[args.format](args)
 
 
 def cmd_export_adapter(args) -> int:

@@ -143,11 +143,24 @@ def test_a_tokenizer_that_merges_digits_is_flagged(tokenizer):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     merging = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     problem = goat.digit_split_problem(merging)
-    assert problem and "merges digits" in problem and "'8914'" in problem
+    assert problem and "merges digits: 11 of the 11 digits" in problem and "'8914'" in problem
+    assert "up to 4 digits in one token" in problem
     assert goat.digit_split_problem(tokenizer) is None  # the LLaMA-style tokenizer splits digits
     spec = DataSpec(format="goat", path=str(SAMPLE_DATA), require_digit_split=True)
     with pytest.raises(InputError, match=r"^data.require_digit_split: tokenizer .* merges digits"):
         build_datasets(spec, merging, seed=0)
+
+
+def test_llama3_digit_groups_are_flagged_and_qwen2_single_digits_pass(family_model_dir):
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.schema import ModelSpec
+
+    def problem(family):
+        return goat.digit_split_problem(load_tokenizer(ModelSpec(name_or_path=str(family_model_dir(family)))))
+
+    llama3 = problem("llama3")
+    assert llama3 is not None and re.search(r"merges digits: \d+ of the 11 digits .* up to [23] digits in one", llama3)
+    assert problem("qwen2") is None and problem("mistral") is None
 
 
 def test_a_recipe_can_generate_its_goat_rows(write_recipe, tokenizer):

@@ -1,5 +1,6 @@
 """`finetune generate`: every method's run folder answers, prompted exactly as in training; greedy equals
-`model.generate`; a seed makes sampling reproducible; exported and plain model folders answer too."""
+`model.generate`; a seed makes sampling reproducible; exported and plain model folders answer too; every
+EOS id a model's generation config lists stops it."""
 
 from __future__ import annotations
 
@@ -153,3 +154,47 @@ def test_bad_prompts_and_settings_are_refused_by_name(tiny_run, tmp_path, capsys
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path}: neither a run folder (recipe.yaml) nor a model folder (config.json or adapter_config.json)"
     )
+
+
+def rig_to_emit(model, token_id: int) -> None:
+    """Make `model` answer `token_id` after any prompt: every layer adds nothing to the residual stream,
+    every token embeds to the same vector, and only `token_id`'s output row points along it."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        direction = torch.ones(model.config.hidden_size)
+        model.get_input_embeddings().weight[:] = direction
+        head = model.get_output_embeddings().weight
+        if head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            head.zero_()
+        head[token_id] = 10 * direction
+
+
+@pytest.mark.parametrize(
+    ("family", "stops"),
+    [
+        ("llama3", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+        ("qwen2", ["<|im_end|>", "<|endoftext|>"]),
+        ("mistral", ["</s>"]),
+    ],
+)
+def test_generation_stops_at_every_eos_id_of_the_generation_config(family, stops, family_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    base = family_model_dir(family)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    listed = GenerationConfig.from_pretrained(base).eos_token_id
+    assert (listed if isinstance(listed, list) else [listed]) == tokenizer.convert_tokens_to_ids(stops)
+    for stop in tokenizer.convert_tokens_to_ids(stops):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        rig_to_emit(model, stop)
+        folder = tmp_path / f"emits-{stop}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        [answer] = generate(folder, [QUESTION], Sampling(max_new_tokens=5), prompt_format="chat", echo=None)
+        assert answer == [stop]  # stopped at once
+        # What it guards against: stopping at the tokenizer's EOS alone runs on to the token limit.
+        if stop != tokenizer.eos_token_id:
+            model, loaded = load_target(folder, None, device="cpu")
+            assert greedy_ids(model, loaded, prompt_ids(loaded, "chat", QUESTION), 5) == [stop] * 5

@@ -1,4 +1,4 @@
-"""Every shipped Alpaca recipe trains a few steps on the tiny LLaMA (via overrides), and its run folder's
+"""Every shipped recipe trains a few steps on the tiny model of its family (via overrides), and its run folder's
 adapter or model reloads with plain peft/transformers and gives the logits of the end of training."""
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ from finetune.recipe.load import load_recipe
 
 from conftest import REPO, SAMPLE_DATA
 
-# Every recipe for a real model (the quickstart has its own test), shrunk to the tiny LLaMA by overrides.
+# Every recipe for a real model (the quickstart has its own test), shrunk by overrides to the tiny model of
+# its family: the file name starts with the family of its base.
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if p.name != "quickstart.yaml")
+FAMILY_OF_PREFIX = {"llama3_": "llama3", "qwen2.5_": "qwen2", "mistral_": "mistral"}
+
+
+def family_of(recipe_name: str) -> str:
+    return next((family for prefix, family in FAMILY_OF_PREFIX.items() if recipe_name.startswith(prefix)), "llama")
 
 
 def reload_artifact(run_dir, recipe):
@@ -33,12 +39,12 @@ def reload_artifact(run_dir, recipe):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tmp_path, monkeypatch):
+def test_shipped_recipe_trains_and_its_artifact_reloads(name, family_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     data = load_recipe(f"recipes/{name}").data
     sample = {"alpaca": f"data.path={SAMPLE_DATA}", "lima": f"data.path={REPO / 'data' / 'lima_sample.jsonl'}"}
     overrides = [
-        f"model.name_or_path={tiny_model_dir}",
+        f"model.name_or_path={family_model_dir(family_of(name))}",
         "data.goat.n=64" if data.goat is not None else sample[data.format],
         "data.max_seq_len=512",
         "train.max_steps=3",

@@ -18,7 +18,7 @@ from functools import partial
 from finetune.data import alpaca, cache, goat, lima
 from finetune.data.conversation import Conversation, RowError
 from finetune.data.sources import Rows, read_rows
-from finetune.data.templates import resolve_chat_template, template_warnings
+from finetune.data.templates import end_of_turn_token, resolve_chat_template, template_warnings
 from finetune.data.tokenize import Dropped, Sample, tokenize_conversations
 from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec, SourceSpec
@@ -196,7 +196,8 @@ def make_adapter(format: str, spec: DataSpec, tokenizer, template: str | None) -
             messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    return partial(adapter, render=render, train_on=spec.train_on)
+    end_of_turn = end_of_turn_token(tokenizer, template)
+    return partial(adapter, render=render, train_on=spec.train_on, end_of_turn=end_of_turn)
 
 
 def to_conversations(source: Rows, adapter: Adapter, on_bad_row: str = "error") -> tuple[list, list[Dropped]]:

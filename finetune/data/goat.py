@@ -183,17 +183,28 @@ def generate(n: int, seed: int, ops: tuple[str, ...] = OPERATIONS, limits: Limit
 
 
 def digit_split_problem(tokenizer) -> str | None:
-    """Why this tokenizer makes arithmetic hard, or None when it writes one digit per token.
+    """Why this tokenizer makes arithmetic hard, with the numbers, or None when it writes one digit per token.
 
     Goat's finding: LLaMA learns arithmetic because its tokenizer splits numbers into single digits,
-    so the same digit is always the same token; tokenizers that merge digit runs do not give that.
+    so the same digit is always the same token; tokenizers that merge digit runs do not give that
+    (Llama-3's byte-level BPE groups up to three digits; Qwen2's and LLaMA's SentencePiece split them).
     """
     example = "8914 / 64 = 139 R 18"
-    merged = [piece for piece in tokenizer.tokenize(example) if sum(c.isdigit() for c in piece) > 1]
+    pieces = [tokenizer.convert_tokens_to_string([piece]).strip() for piece in tokenizer.tokenize(example)]
+    merged = [piece for piece in pieces if _digit_count(piece) > 1]
     if not merged:
         return None
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    return f"tokenizer {name} merges digits ({example!r} -> pieces {merged}); Goat relies on one digit per token"
+    grouped, total = sum(map(_digit_count, merged)), _digit_count(example)
+    widest = max(map(_digit_count, merged))
+    return (
+        f"tokenizer {name} merges digits: {grouped} of the {total} digits of {example!r} share a token with "
+        f"another digit (pieces {merged}, up to {widest} digits in one token); Goat relies on one digit per token"
+    )
+
+
+def _digit_count(text: str) -> int:
+    return sum(c.isdigit() for c in text)
 
 
 def generate_from_spec(spec: GoatSpec) -> Iterator[dict]:

@@ -3,8 +3,9 @@
 Rows come as the public LIMA set has them (`conversations`: alternating user/assistant strings, optional
 `source`) or in the common `messages` form (`[{"role": ..., "content": ...}]`, an optional leading
 system message). The chat template renders the conversation; each assistant turn's answer (through its
-end-of-turn token) is trained, everything else is masked. With `train_on: last_turn` only the final
-answer is trained.
+end-of-turn token) is trained, everything else is masked. What a template writes after the end-of-turn
+token (ChatML's newline between turns) is masked: generation stops at that token, so the model never
+writes what follows. With `train_on: last_turn` only the final answer is trained.
 """
 
 from __future__ import annotations
@@ -56,12 +57,19 @@ def check_turns(messages: list[dict]) -> None:
 
 
 def to_conversation(
-    row: dict, ref: str, *, render, train_on: TrainOn = "all_assistant_turns", train_on_prompt: bool = False
+    row: dict,
+    ref: str,
+    *,
+    render,
+    train_on: TrainOn = "all_assistant_turns",
+    train_on_prompt: bool = False,
+    end_of_turn: str | None = None,
 ) -> Conversation:
     """Render the conversation and split it at every assistant answer.
 
     Args:
         render: `render(messages, add_generation_prompt) -> str`, the chat template.
+        end_of_turn: the special token the template closes an answer with; the trained span ends there.
 
     Raises:
         RowError: the row's turns are malformed, or the template does not render each conversation prefix
@@ -76,7 +84,18 @@ def to_conversation(
         if not prompt.startswith(done) or not through_answer.startswith(prompt):
             raise RowError("the chat template does not render a conversation prefix as a prefix of the whole")
         trained = train_on == "all_assistant_turns" or i == answers[-1]
+        answer, after = split_after(through_answer[len(prompt) :], end_of_turn)
         segments.append(Segment(prompt[len(done) :], trained=train_on_prompt))
-        segments.append(Segment(through_answer[len(prompt) :], trained=trained))
+        segments.append(Segment(answer, trained=trained))
+        if after:
+            segments.append(Segment(after, trained=train_on_prompt))
         done = through_answer
     return Conversation(tuple(segments), row=ref, add_eos=False, whole_text=True)
+
+
+def split_after(answer: str, end_of_turn: str | None) -> tuple[str, str]:
+    """(the answer through its last `end_of_turn`, what follows); the whole answer when the token is absent."""
+    if not end_of_turn or end_of_turn not in answer:
+        return answer, ""
+    cut = answer.rindex(end_of_turn) + len(end_of_turn)
+    return answer[:cut], answer[cut:]

@@ -51,6 +51,30 @@ def resolve_chat_template(choice: str | None, tokenizer) -> tuple[str, str]:
     )
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of every special token: the named ones (BOS, EOS, ...) and the added ones marked special
+    (`<|eot_id|>`, `<|im_end|>`, which Llama-3 and Qwen tokenizers do not name)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def end_of_turn_token(tokenizer, template: str | None = None) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|eot_id|>`, `<|im_end|>`, EOS),
+    or None when the template closes it with plain text or there is no template."""
+    probe = "\u2063answer\u2063"  # invisible separators: no real answer holds this
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses the probe (or no template): no end-of-turn token to find
+        return None
+    if probe not in text:
+        return None
+    after = text[text.rindex(probe) + len(probe) :]
+    specials = tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer)))
+    starting = [token for token in specials if token and after.startswith(token)]
+    return max(starting, key=len) if starting else None
+
+
 def template_warnings(name: str, tokenizer) -> list[str]:
     """Things about the tokenizer that make the chosen template work badly."""
     if name != "chatml":

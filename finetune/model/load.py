@@ -1,10 +1,13 @@
 """Load the base model and its tokenizer from a hub id or a local folder.
 
-Pad token: LLaMA tokenizers have none. We use the unknown token `<unk>` as padding (what alpaca-lora
-does): it already has an embedding, so no row is added to the vocabulary and the adapter stays small,
-and pad stays different from EOS, so the EOS the model must learn to emit is never mistaken for
-padding. Padded positions carry label -100 and attention mask 0 either way. Only a tokenizer with
-neither a pad nor an unknown token gets a new `<pad>` token (and the embeddings grow by one row).
+Pad token: never a new one, so the vocabulary and the embedding matrix keep the base's shape and the
+saved adapter holds adapter weights only (a new `<pad>` row would put embed_tokens and lm_head, 2 GB
+for Llama-3.1-8B, into the adapter, which then no longer loads on the untouched base). In order:
+the tokenizer's own pad; a reserved token the model ships for it (Llama-3.1's
+`<|finetune_right_pad_id|>`, Llama-3's `<|reserved_special_token_N|>`, Qwen's `<|endoftext|>`); `<unk>`
+(what alpaca-lora does); else EOS. EOS is safe too: labels come from each sample's completion mask
+and padded positions get label -100 by position, never by id, so the EOS a sample ends with is still
+trained (tests/test_model_pad.py proves it).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def resolve_dtype(name: str, device: str):
 
 
 def load_tokenizer(spec: ModelSpec):
-    """The tokenizer of `spec.tokenizer` (or the model), with a pad token different from EOS.
+    """The tokenizer of `spec.tokenizer` (or the model), with a pad token from its own vocabulary.
 
     Raises:
         InputError: the folder or hub id has no usable tokenizer.
@@ -56,15 +59,28 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
+# Tokens some tokenizers ship unused for padding, in the order they are preferred.
+RESERVED_PADS = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>")
+
+
 def ensure_pad_token(tokenizer) -> None:
-    """Give the tokenizer a pad token that is not EOS (see the module docstring for why <unk>)."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
-    else:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    """Give the tokenizer a pad token from its own vocabulary (see the module docstring for the order)."""
     tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is not None:
+        return
+    pad = reserved_pad(tokenizer.get_vocab())
+    if pad is None:
+        pad = tokenizer.unk_token if tokenizer.unk_token_id is not None else tokenizer.eos_token
+    tokenizer.pad_token = pad
+
+
+def reserved_pad(vocab: dict[str, int]) -> str | None:
+    """A token the vocabulary holds for padding or reserves unused, or None."""
+    for token in RESERVED_PADS:
+        if token in vocab:
+            return token
+    reserved = [token for token in vocab if token.startswith("<|reserved_special_token_") and token.endswith("|>")]
+    return min(reserved, key=vocab.__getitem__) if reserved else None
 
 
 def attention_implementation(spec: ModelSpec) -> str:
@@ -83,11 +99,11 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
         spec: the recipe's `model` section.
         quant: the recipe's `quant` section, or None for unquantized weights.
         device: 'cuda' or 'cpu' (from `pick_device`); quantized weights are placed there at load time.
-        tokenizer: when given, the model's pad token id is set from it and the embeddings grow if the
-            tokenizer has more tokens than the model has rows.
+        tokenizer: when given, the model's pad token id is set from it.
 
     Raises:
-        InputError: the folder has no config or (allowed) weights, or the hub id cannot be reached.
+        InputError: the folder has no config or (allowed) weights, the hub id cannot be reached, or the
+            tokenizer has tokens the model has no embedding row for.
     """
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +133,7 @@ def load_model(spec: ModelSpec, quant: QuantSpec | None, *, device: str, tokeniz
             raise InputError(remote_code_message(spec.name_or_path)) from None
         raise InputError(f"model.name_or_path: cannot load {spec.name_or_path!r}: {_first_line(e)}") from None
     if tokenizer is not None:
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+        _check_vocabulary_fits(model, tokenizer, spec)
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -135,6 +150,17 @@ def remote_code_message(name: str) -> str:
 def resolve_source(name: str) -> str:
     """An absolute path for a local folder (so the saved adapter finds its base from anywhere), else the hub id."""
     return str(Path(name).expanduser().resolve()) if looks_local(name) else name
+
+
+def _check_vocabulary_fits(model, tokenizer, spec: ModelSpec) -> None:
+    """The embeddings never grow: a token without a row is a tokenizer that does not belong to the model."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+        raise InputError(
+            f"{key}: the tokenizer has {len(tokenizer)} tokens but {spec.name_or_path} has {rows} embedding rows; "
+            "use the tokenizer the model was trained with"
+        )
 
 
 def _check_local_weights(spec: ModelSpec) -> None:

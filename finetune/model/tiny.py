@@ -166,7 +166,7 @@ def _dims(shape: TinyShape, tokenizer) -> dict:
 
 
 def _save_model(config, out: Path, seed: int) -> Path:
-    """Random weights for `config` from `seed`, saved (with a generation_config.json of the config's BOS/EOS) in `out`."""
+    """Random weights for `config` from `seed`, saved in `out` with a generation_config.json of its BOS/EOS."""
     import torch
     from transformers import AutoModelForCausalLM
 

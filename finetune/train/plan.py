@@ -133,7 +133,8 @@ def lora_targets(spec: LoraSpec, shape: ModelShape) -> dict[str, tuple[int, int]
 def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
     plain_bytes = 4 if setup.kbit_prepared else setup.weight_bytes
     head = 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
-    plain = shape.vocab_size * shape.hidden_size + head + (2 * shape.num_layers + 1) * shape.hidden_size
+    norms_and_biases = shape.num_layers * (2 * shape.hidden_size + shape.layer_bias_count()) + shape.hidden_size
+    plain = shape.vocab_size * shape.hidden_size + head + norms_and_biases
     if setup.bits is None:
         linear = sum(i * o for i, o in shape.linear_shapes().values()) * setup.weight_bytes
     else:
@@ -149,6 +150,8 @@ def trainable_tensors(recipe: Recipe, shape: ModelShape, setup: Setup) -> list[t
     if isinstance(adapter, FullSpec):
         tensors = [i * o for i, o in shape.linear_shapes().values()] * layers
         tensors += [h] * (2 * layers + 1) + [shape.vocab_size * h] * (1 if shape.tied_embeddings else 2)
+        if shape.layer_bias_count():
+            tensors += [shape.layer_bias_count()] * layers
         return [(n, setup.weight_bytes) for n in tensors]
     if isinstance(adapter, PromptSpec):
         return [(adapter.num_virtual_tokens * h, 4)]
@@ -346,13 +349,14 @@ def plan_report(
         recipe_path: shown in the title.
         gpu_memory: the --gpu-memory text (e.g. 24GiB); None: train.gpu_memory, if set.
         world_size: GPUs the model is sharded over.
-        model_params: a LLaMA-1 size (7B, 13B, 33B, 65B) in place of the recipe's model.
+        model_params: a published shape (a LLaMA-1 size 7B..65B, Llama-3.1-8B, Qwen2.5-7B, ...; see
+            `finetune.model.shape.KNOWN_SHAPES`) in place of the recipe's model.
 
     Raises:
         InputError: a bad size or world size, or no readable config.json.
     """
     from finetune.errors import InputError
-    from finetune.model.shape import LLAMA1_SHAPES, read_shape
+    from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape
 
     if world_size < 1:
         raise InputError(f"--world-size: must be at least 1 (got {world_size})")
@@ -362,7 +366,8 @@ def plan_report(
     except ValueError as e:
         raise InputError(f"--gpu-memory: {e}") from None
     if model_params:
-        shape, model = LLAMA1_SHAPES[model_params], f"LLaMA-{model_params} shape"
+        name = f"LLaMA-{model_params}" if model_params in LLAMA1_SHAPES else model_params
+        shape, model = KNOWN_SHAPES[model_params], f"{name} shape"
     else:
         shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
     largest = largest_micro_batch(recipe, shape, world_size=world_size, gpu_memory=memory) if memory else None
