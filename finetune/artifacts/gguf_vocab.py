@@ -32,7 +32,6 @@ LLAMA3_SPLIT = (
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 SENTENCEPIECE = "tokenizer.model"
-TURN_MARK = "finetune-end-of-answer"
 
 
 @dataclass(frozen=True)
@@ -202,18 +201,9 @@ def bpe_merges(spec: dict) -> list[str]:
 
 
 def end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template writes right after an assistant's answer (Llama-3's <|eot_id|>,
-    ChatML's <|im_end|>, EOS for Mistral); None without a chat template or when the template writes none."""
-    if not tokenizer.chat_template:
-        return None
-    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": TURN_MARK}]
-    from jinja2 import TemplateError
+    """The id of the special token the chat template closes an answer with (data/templates.py finds it, as
+    training masks by it); None without one."""
+    from finetune.data.templates import end_of_turn_token
 
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except TemplateError:  # a template that refuses this conversation (raise_exception) names no end of turn
-        return None
-    after = text.partition(TURN_MARK)[2]
-    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
-    special = {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
-    return ids[0] if ids and ids[0] in special else None
+    token = end_of_turn_token(tokenizer)
+    return tokenizer.convert_tokens_to_ids(token) if token else None
