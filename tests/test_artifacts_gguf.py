@@ -376,3 +376,45 @@ def test_a_broken_export_fails_the_llama_cpp_comparison(case, family_export, mon
     with pytest.raises(AssertionError, match=failure) as failed:
         llama_cpp_comparison(tmp_path / "broken.gguf", run_dir / "merged")
     print(f"{case}: {str(failed.value).splitlines()[0][:160]}")
+
+
+def with_rope(source, folder, rope: dict):
+    """A copy of model folder `source` whose config.json has these rope parameters."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rope_parameters": rope}))
+    return folder
+
+
+LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+def test_linear_rope_scaling_is_written_as_its_two_keys(family_model_dir, tmp_path):
+    import gguf
+
+    folder = with_rope(family_model_dir("llama"), tmp_path / "linear", LINEAR)
+    write_gguf(folder, tmp_path / "linear.gguf", "f16", echo=lambda _: None)
+    reader = gguf.GGUFReader(tmp_path / "linear.gguf")
+    assert field(reader, "llama.rope.scaling.type") == "linear"
+    assert field(reader, "llama.rope.scaling.factor") == 4.0
+
+
+@pytest.mark.gguf
+def test_llama_cpp_applies_linear_rope_scaling_as_transformers_does(family_model_dir, tmp_path):
+    """transformers divides positions by the factor; so does llama.cpp with the keys, and without them it differs."""
+    folder = with_rope(family_model_dir("llama"), tmp_path / "linear", LINEAR)
+    write_gguf(folder, tmp_path / "linear.gguf", "f16", echo=lambda _: None)
+    llama_cpp_comparison(tmp_path / "linear.gguf", folder)
+    unscaled = with_rope(folder, tmp_path / "unscaled", {"rope_type": "default", "rope_theta": 10000.0})
+    write_gguf(unscaled, tmp_path / "unscaled.gguf", "f16", echo=lambda _: None)
+    with pytest.raises(AssertionError, match=LOGITS):
+        llama_cpp_comparison(tmp_path / "unscaled.gguf", folder)
+
+
+def test_mistral_sliding_window_is_reported_when_llama_cpp_would_ignore_it(family_model_dir):
+    from transformers import MistralConfig
+
+    short = MistralConfig(sliding_window=4096, max_position_embeddings=32768)  # Mistral-7B-v0.1
+    assert "sliding window of 4096 tokens is not applied" in gguf_arch.sliding_window_note(short)
+    assert gguf_arch.sliding_window_note(AutoConfig.from_pretrained(family_model_dir("mistral"))) is None
+    assert gguf_arch.sliding_window_note(MistralConfig(sliding_window=None)) is None  # v0.2 and later
