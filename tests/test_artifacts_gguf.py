@@ -418,3 +418,31 @@ def test_mistral_sliding_window_is_reported_when_llama_cpp_would_ignore_it(famil
     assert "sliding window of 4096 tokens is not applied" in gguf_arch.sliding_window_note(short)
     assert gguf_arch.sliding_window_note(AutoConfig.from_pretrained(family_model_dir("mistral"))) is None
     assert gguf_arch.sliding_window_note(MistralConfig(sliding_window=None)) is None  # v0.2 and later
+
+
+@pytest.fixture(scope="module")
+def full_export(tiny_run, tmp_path_factory):
+    """(run folder, GGUF file) of a full fine-tuning run on the tiny LLaMA: its model/ has tokenizer.json only."""
+    run_dir = tiny_run("full", adapter={"kind": "none"})
+    path = tmp_path_factory.mktemp("full-gguf") / "full.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(path)]) == 0
+    return run_dir, path
+
+
+def test_a_full_run_exports_with_the_sentencepiece_model_of_its_base(full_export, tiny_model_dir):
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    run_dir, path = full_export
+    assert not (run_dir / "model" / "tokenizer.model").exists()  # transformers 5 saves tokenizer.json only
+    reader = gguf.GGUFReader(path)
+    sp = SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    pieces = [sp.IdToPiece(i) for i in range(sp.vocab_size())]
+    assert field(reader, "tokenizer.ggml.tokens")[: sp.vocab_size()] == pieces
+
+
+@pytest.mark.gguf
+def test_llama_cpp_runs_a_full_run_as_transformers_does(full_export):
+    run_dir, path = full_export
+    llama_cpp_comparison(path, run_dir / "model")

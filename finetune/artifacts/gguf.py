@@ -74,7 +74,8 @@ def export_gguf(
     if recipe.adapter.kind == "none":
         if not run_dir.model.is_dir():
             raise InputError(f"{run_dir.path}: has no model/; did the run finish?")
-        write_gguf(run_dir.model, target, quant_type, echo, where=run_dir.path)
+        sentencepiece = sentencepiece_model(recipe, run_dir.model)
+        write_gguf(run_dir.model, target, quant_type, echo, where=run_dir.path, sentencepiece=sentencepiece)
         return target
     check_mergeable(run_dir, recipe)
     check_run_exportable(run_dir, recipe)
@@ -109,19 +110,37 @@ def check_run_exportable(run_dir, recipe) -> None:
             f"{run_dir.path}: cannot read the config of the base model {spec.name_or_path} ({str(e).splitlines()[0]})"
         ) from e
     family_of(config, run_dir.path)
-    sources = [spec.tokenizer or spec.name_or_path, spec.name_or_path]
     # a hub base's tokenizer.model arrives with its snapshot; write_gguf checks again after the merge
-    has_sentencepiece = (run_dir.adapter / SENTENCEPIECE).is_file() or any(
-        not looks_local(name) or (Path(name).expanduser() / SENTENCEPIECE).is_file() for name in sources
-    )
+    on_hub = not looks_local(spec.name_or_path) or not looks_local(spec.tokenizer or spec.name_or_path)
+    has_sentencepiece = on_hub or sentencepiece_model(recipe, run_dir.adapter) is not None
     vocabulary_kind(run_dir.adapter, has_sentencepiece=has_sentencepiece)
 
 
-def write_gguf(folder: Path, target: Path, quant_type: str, echo: Echo, *, where: Path | None = None) -> None:
+def sentencepiece_model(recipe, run_folder: Path) -> Path | None:
+    """The tokenizer.model of a run's tokenizer, which transformers 5 no longer saves with it: in `run_folder`
+    (the run's adapter/ or model/), the recipe's local tokenizer folder, or its local base folder."""
+    from finetune.recipe.checks import looks_local
+
+    spec = recipe.model
+    names = [name for name in (spec.tokenizer, spec.name_or_path) if name and looks_local(name)]
+    folders = [run_folder, *(Path(name).expanduser() for name in names)]
+    return next((folder / SENTENCEPIECE for folder in folders if (folder / SENTENCEPIECE).is_file()), None)
+
+
+def write_gguf(
+    folder: Path,
+    target: Path,
+    quant_type: str,
+    echo: Echo,
+    *,
+    where: Path | None = None,
+    sentencepiece: Path | None = None,
+) -> None:
     """Convert a transformers folder (safetensors, config, tokenizer) of a supported family into one GGUF file.
 
     Args:
         where: the folder named in errors (the run folder), default `folder`.
+        sentencepiece: the tokenizer's SentencePiece model, default `folder`/tokenizer.model if there is one.
 
     Raises:
         InputError: an unsupported family, rope scaling or tokenizer.
@@ -135,7 +154,9 @@ def write_gguf(folder: Path, target: Path, quant_type: str, echo: Echo, *, where
 
     config = AutoConfig.from_pretrained(folder)
     family = family_of(config, where or folder)
-    kind = vocabulary_kind(folder, has_sentencepiece=(folder / SENTENCEPIECE).is_file())
+    if sentencepiece is None and (folder / SENTENCEPIECE).is_file():
+        sentencepiece = folder / SENTENCEPIECE
+    kind = vocabulary_kind(folder, has_sentencepiece=sentencepiece is not None)
     plan = plan_tensors(list_shards(folder), quant_type, config)
     partial = target.with_name(target.name + ".partial")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +164,7 @@ def write_gguf(folder: Path, target: Path, quant_type: str, echo: Echo, *, where
     file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     try:
         add_hyperparameters(writer, config, folder.name, file_types[quant_type])
-        add_vocabulary(writer, folder, kind, config)
+        add_vocabulary(writer, folder, kind, config, sentencepiece=sentencepiece)
         for item in plan:
             writer.add_tensor_info(item["name"], item["shape"], item["np_dtype"], item["nbytes"], item["raw_dtype"])
         writer.write_header_to_file()

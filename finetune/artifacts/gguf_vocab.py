@@ -91,7 +91,7 @@ def _split_expression(spec: dict) -> str | None:
     return None
 
 
-def add_vocabulary(writer, folder: Path, kind: VocabKind, config) -> None:
+def add_vocabulary(writer, folder: Path, kind: VocabKind, config, *, sentencepiece: Path | None = None) -> None:
     """Tokens, types (and scores or merges), special ids, BOS use and chat template of `folder`'s tokenizer.
 
     Rows of the embedding matrix (config.vocab_size) that no token uses are named `[PADi]` and typed UNUSED,
@@ -102,7 +102,7 @@ def add_vocabulary(writer, folder: Path, kind: VocabKind, config) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if kind.model == "llama":
-        _add_sentencepiece(writer, folder, tokenizer, config.vocab_size)
+        _add_sentencepiece(writer, sentencepiece or folder / SENTENCEPIECE, tokenizer, config.vocab_size)
     else:
         _add_byte_level_bpe(writer, folder, tokenizer, kind, config.vocab_size)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
@@ -121,12 +121,12 @@ def add_vocabulary(writer, folder: Path, kind: VocabKind, config) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _add_sentencepiece(writer, folder: Path, tokenizer, vocab_size: int) -> None:
+def _add_sentencepiece(writer, model_file: Path, tokenizer, vocab_size: int) -> None:
     import gguf
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(folder / SENTENCEPIECE))
+    sp.LoadFromFile(str(model_file))
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [gguf.TokenType.UNUSED] * vocab_size
