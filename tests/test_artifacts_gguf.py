@@ -1,5 +1,5 @@
-"""finetune export --format gguf: the file read back with gguf's reader, and (marker gguf) run by llama.cpp,
-for the tiny LLaMA (f16, q8_0) and for a bf16 base of each family."""
+"""finetune export --format gguf on the tiny LLaMA (LoRA and full runs, f16 and q8_0, rope scalings): the file
+read back with gguf's reader, and (marker gguf) run by llama.cpp. Each family: test_artifacts_gguf_families.py."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.artifacts import gguf_arch, gguf_vocab
+from finetune.artifacts import gguf_arch
 from finetune.artifacts.gguf import unpermute, write_gguf
-from finetune.artifacts.gguf_arch import Family, gguf_name
+from finetune.artifacts.gguf_arch import gguf_name
 from finetune.cli import main
 from finetune.pipeline import run
 from finetune.recipe.load import load_recipe
 
-from conftest import FAMILIES, SAMPLE_DATA
+from conftest import SAMPLE_DATA
+from llama_cpp_check import LOGITS, field, llama_cpp_comparison
 
 pytestmark = pytest.mark.slow
 HEADS, KV_HEADS = 4, 2  # conftest's tiny LLaMA
@@ -46,10 +47,6 @@ def exported(tmp_path_factory, tiny_model_dir):
         assert main(["export", str(run_dir), "--format", "gguf", "--type", kind]) == 0
         files[kind] = run_dir / f"model-{kind}.gguf"
     return run_dir, files
-
-
-def field(reader, key):
-    return reader.fields[key].contents()
 
 
 def test_gguf_tensors_metadata_and_vocabulary(exported, tiny_model_dir):
@@ -167,215 +164,6 @@ def test_llama_cpp_logits_match_transformers(exported):
         if kind == "f16":
             assert diff <= 0.01 * scale  # f16 weights, f32 activations: rounding only
         del llm
-
-
-# --- each family, merged from a bf16 base
-
-# family -> (general.architecture, tokenizer.ggml.model, tokenizer.ggml.pre)
-CONVENTIONS = {
-    "llama": ("llama", "llama", "default"),
-    "llama3": ("llama", "gpt2", "llama-bpe"),
-    "mistral": ("llama", "llama", "default"),
-    "qwen2": ("qwen2", "gpt2", "qwen2"),
-}
-# digits, punctuation, spaces and a newline: where the pre-tokenizers of the families differ
-TEXT = "Below is an instruction.\n\n### Instruction:\nAdd 123 and 4567, then   name 3 colors!\n\n### Response:\n"
-
-
-@pytest.fixture(scope="module")
-def family_export(family_lora_run):
-    """family_export(family) -> (run folder with merged/, its GGUF f16 file), from `finetune merge` and
-    `finetune export` of the family's LoRA run."""
-    done = {}
-
-    def export(family: str):
-        if family not in done:
-            run_dir = family_lora_run(family)
-            assert main(["merge", str(run_dir), "--overwrite"]) == 0
-            assert main(["export", str(run_dir), "--format", "gguf", "--overwrite"]) == 0
-            done[family] = run_dir, run_dir / "model-f16.gguf"
-        return done[family]
-
-    return export
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_tensors_and_hyperparameters_per_family(family, family_export):
-    """llama.cpp's names; Q/K rows permuted for the llama architecture only; Qwen2's biases kept and its tied
-    head not written; llama3 rope factors that turn the base frequencies into transformers' scaled ones."""
-    import gguf
-
-    run_dir, path = family_export(family)
-    merged = load_file(run_dir / "merged" / "model.safetensors")
-    config = AutoConfig.from_pretrained(run_dir / "merged")
-    reader = gguf.GGUFReader(path)
-    arch = field(reader, "general.architecture")
-    assert arch == CONVENTIONS[family][0]
-    tensors = {t.name: t for t in reader.tensors}
-    computed = {"rope_freqs.weight"} if family == "llama3" else set()
-    assert set(tensors) == {gguf_name(name) for name in merged} | computed
-    assert ("output.weight" in tensors) == (not config.tie_word_embeddings) == (family != "qwen2")
-    assert any(name.endswith(".bias") for name in tensors) == (family == "qwen2")
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    for name, hf in merged.items():
-        t = tensors[gguf_name(name)]
-        stored = t.data.astype(np.float32)
-        if arch == "llama" and t.name.split(".")[-2] in heads:
-            stored = unpermute(stored, heads[t.name.split(".")[-2]])
-        assert np.array_equal(stored, hf.float().numpy().astype(t.data.dtype).astype(np.float32)), name
-
-    keys = {
-        "block_count": config.num_hidden_layers,
-        "context_length": config.max_position_embeddings,
-        "embedding_length": config.hidden_size,
-        "feed_forward_length": config.intermediate_size,
-        "attention.head_count": config.num_attention_heads,
-        "attention.head_count_kv": config.num_key_value_heads,
-        "vocab_size": config.vocab_size,
-    }
-    assert {key: field(reader, f"{arch}.{key}") for key in keys} == keys
-    assert field(reader, f"{arch}.rope.freq_base") == pytest.approx(config.rope_parameters["rope_theta"])
-    if family == "llama3":
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        dim = config.hidden_size // config.num_attention_heads
-        base = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-        factors = tensors["rope_freqs.weight"].data
-        assert factors.min() == 1.0 and factors.max() == config.rope_parameters["factor"]  # both ends are used
-        np.testing.assert_allclose(base.numpy() / factors, scaled.double().numpy(), rtol=1e-6)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_vocabulary_and_special_tokens_per_family(family, family_export):
-    import gguf
-
-    run_dir, path = family_export(family)
-    reader = gguf.GGUFReader(path)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
-    config = AutoConfig.from_pretrained(run_dir / "merged")
-    _, model, pre = CONVENTIONS[family]
-    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == (model, pre)
-    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
-    assert len(tokens) == len(types) == config.vocab_size >= len(tokenizer)
-    if model == "gpt2":
-        assert tokens[: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        spec = json.loads((run_dir / "merged" / "tokenizer.json").read_text())
-        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-        assert field(reader, "tokenizer.ggml.merges") == merges
-        for i, added in tokenizer.added_tokens_decoder.items():
-            assert types[i] == (gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
-    else:
-        assert "tokenizer.ggml.merges" not in reader.fields
-        assert len(field(reader, "tokenizer.ggml.scores")) == len(tokens)
-        assert [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.BYTE] == [
-            f"<0x{b:02X}>" for b in range(256)
-        ]
-
-    def ids(*names):
-        return [tokenizer.convert_tokens_to_ids(name) for name in names]
-
-    expected = {
-        "llama": {"bos": ids("<s>"), "eos": ids("</s>")},
-        "llama3": {"bos": ids("<|begin_of_text|>"), "eos": ids("<|end_of_text|>"), "eot": ids("<|eot_id|>")},
-        "mistral": {"bos": ids("<s>"), "eos": ids("</s>"), "eot": ids("</s>")},
-        # no BOS in the tokenizer: config.json's, never added
-        "qwen2": {"bos": ids("<|endoftext|>"), "eos": ids("<|im_end|>"), "eot": ids("<|im_end|>")},
-    }[family]
-    keys = {kind: f"tokenizer.ggml.{kind}_token_id" for kind in ("bos", "eos", "eot")}
-    written = {kind: field(reader, key) for kind, key in keys.items() if key in reader.fields}
-    assert written == {kind: value[0] for kind, value in expected.items()}
-    if tokenizer.pad_token_id is not None:
-        assert field(reader, "tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id
-    assert field(reader, "tokenizer.ggml.add_bos_token") is (family != "qwen2")
-    if tokenizer.chat_template:
-        assert field(reader, "tokenizer.chat_template") == tokenizer.chat_template
-
-
-def llama_cpp_comparison(path, merged_dir) -> dict:
-    """Run `TEXT` through llama.cpp and transformers (float32); assert that llama.cpp tokenizes it the same way,
-    that its logits are within 1% of the largest logit, and that it picks the same next token wherever the
-    reference's top two are further apart than that difference. Returns the figures."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[gguf-test])"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tokenizer(TEXT).input_ids
-    with torch.no_grad():
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-        reference = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
-    try:
-        tokens = llm.tokenize(TEXT.encode(), add_bos=tokenizer.bos_token_id is not None, special=False)
-        llm.eval(ids)
-        logits = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-    diff, scale = float(np.abs(logits - reference).max()), float(np.abs(reference).max())
-    top2 = np.sort(reference, axis=-1)[:, -2:]
-    decided = top2[:, 1] - top2[:, 0] > 2 * diff
-    agree = logits.argmax(-1) == reference.argmax(-1)
-    figures = {"tokens": len(ids), "max_diff": diff, "max_logit": scale, "argmax_agreement": float(agree.mean())}
-    assert tokens == ids, f"llama.cpp tokenizes the text differently: {tokens} against {ids}"
-    assert diff <= 0.01 * scale, f"logits differ by more than 1% of the largest: {figures}"
-    assert agree[decided].all(), f"llama.cpp picks another next token: {figures}"
-    return figures
-
-
-@pytest.mark.gguf
-@pytest.mark.parametrize("family", FAMILIES)
-def test_llama_cpp_logits_match_transformers_per_family(family, family_export):
-    run_dir, path = family_export(family)
-    figures = llama_cpp_comparison(path, run_dir / "merged")
-    print(
-        f"{family}: llama.cpp f16 vs transformers: max |diff| {figures['max_diff']:.4g} (max |logit| "
-        f"{figures['max_logit']:.3g}), argmax agrees at {figures['argmax_agreement']:.0%} of {figures['tokens']} "
-        "positions"
-    )
-
-
-LOGITS, TOKENS = "logits differ by more than 1%", "tokenizes the text differently"
-# case -> (family, how the export is broken, what the comparison says)
-BREAKS = {
-    # Q/K rows left in transformers' layout: llama.cpp rotates the wrong pairs of dimensions
-    "llama-unpermuted-qk": (
-        "llama",
-        lambda mp: mp.setitem(gguf_arch.FAMILIES, "llama", Family("llama", permute_qk=False)),
-        LOGITS,
-    ),
-    # merges out of rank order: the same pieces, merged in another order
-    "qwen2-merges-reversed": ("qwen2", lambda mp: _reverse_merges(mp), TOKENS),
-    # Llama-3's pre-tokenizer named Qwen2's: digits split one by one
-    "llama3-wrong-pre-tokenizer": (
-        "llama3",
-        lambda mp: mp.setitem(gguf_vocab.PRE_TOKENIZERS, gguf_vocab.LLAMA3_SPLIT, "qwen2"),
-        TOKENS,
-    ),
-    # no rope_freqs.weight: llama.cpp rotates with the unscaled frequencies
-    "llama3-without-rope-factors": (
-        "llama3",
-        lambda mp: mp.setattr(gguf_arch, "llama3_rope_factors", lambda _: None),
-        LOGITS,
-    ),
-}
-
-
-def _reverse_merges(monkeypatch) -> None:
-    merges = gguf_vocab.bpe_merges
-    monkeypatch.setattr(gguf_vocab, "bpe_merges", lambda spec: merges(spec)[::-1])
-
-
-@pytest.mark.gguf
-@pytest.mark.parametrize("case", BREAKS, ids=BREAKS)
-def test_a_broken_export_fails_the_llama_cpp_comparison(case, family_export, monkeypatch, tmp_path):
-    family, breaks, failure = BREAKS[case]
-    run_dir, good = family_export(family)
-    llama_cpp_comparison(good, run_dir / "merged")
-    breaks(monkeypatch)
-    write_gguf(run_dir / "merged", tmp_path / "broken.gguf", "f16", echo=lambda _: None)
-    with pytest.raises(AssertionError, match=failure) as failed:
-        llama_cpp_comparison(tmp_path / "broken.gguf", run_dir / "merged")
-    print(f"{case}: {str(failed.value).splitlines()[0][:160]}")
 
 
 def with_rope(source, folder, rope: dict):
