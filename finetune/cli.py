@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(handler=cmd_data_stats)
     tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random model + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
+    from finetune.model.tiny import FAMILIES  # names only: the builders import torch when called
+
     tiny.add_argument(
         "--family",
-        choices=("llama", "llama3", "mistral", "qwen2"),
+        choices=FAMILIES,
         default="llama",
         help="llama (LLaMA-1/2, SentencePiece), llama3 (Llama-3.1, byte-level BPE), mistral, qwen2 (Qwen2.5, "
         "ChatML) (default llama)",
@@ -361,6 +363,7 @@ def cmd_data_goat(args) -> int:
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
     from finetune.model.tiny import TinyShape, build_tiny
+    from finetune.quiet import quiet_libraries
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
@@ -370,7 +373,8 @@ def cmd_tiny_model(args) -> int:
         num_hidden_layers=args.layers,
         initializer_range=args.init_std,
     )
-    out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
+    with quiet_libraries():
+        out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
     print(f"tiny {args.family} model written to {out}")
     return 0
 

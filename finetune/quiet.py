@@ -1,9 +1,9 @@
 """Keep the libraries' own noise off the terminal of commands that report their progress themselves.
 
-`merge`, `export` and `generate` print what they do in a few lines; transformers' "Loading weights" and
-"Writing model shards" bars, its advisory log lines and the deprecation warnings of the libraries under
-it (FutureWarning, DeprecationWarning) say nothing a user can act on there. Errors still show: only
-warnings and progress bars are silenced, and only while the command runs.
+`merge`, `export`, `generate` and `tiny-model` print what they do in a few lines; transformers'
+"Loading weights" and "Writing model shards" bars, its advisory log lines and the deprecation warnings
+of the libraries under it (FutureWarning, DeprecationWarning) say nothing a user can act on there.
+Errors still show: only warnings and progress bars are silenced, and only while the command runs.
 """
 
 from __future__ import annotations

@@ -78,3 +78,36 @@ def test_quickstart_adapter_holds_only_lora_weights_and_reloads_with_plain_peft(
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(actual, before, atol=1e-4)  # the adapter did change the model
     assert reloaded.get_input_embeddings().num_embeddings == untouched.get_input_embeddings().num_embeddings
+
+
+def train(recipe: str, overrides: list[str]):
+    """The run folder of a shipped recipe trained with `overrides`."""
+    return run(load_recipe(REPO / "recipes" / recipe, overrides), echo=lambda _: None).path
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+def test_a_chat_run_generates_and_a_goat_run_evaluates_on_each_family(family, family_model_dir, tmp_path):
+    from finetune.eval.generate import Sampling, generate, load_target, read_run_recipe
+    from finetune.eval.prompts import prompt_ids
+    from finetune.pipeline import evaluate
+
+    base = str(family_model_dir(family))
+    common = ["train.max_steps=2", "train.micro_batch_size=2", "output.report=false", "eval.samples=0"]
+    lima = [f"data.path={REPO / 'data' / 'lima_sample.jsonl'}", "data.max_seq_len=512", "data.max_rows=8"]
+    own_template = [f"model.name_or_path={base}", "data.chat_template=null", *lima, *common]
+    chat = train("lima_lora.yaml", [*own_template, f"output.dir={tmp_path / 'chat'}"])
+    question = {"instruction": "Name a color."}
+    [answer] = generate(chat, [question], Sampling(max_new_tokens=6), prompt_format=None, echo=None)
+    assert 0 < len(answer) <= 6
+    _, tokenizer = load_target(chat, read_run_recipe(chat), device="cpu")
+    assert tokenizer.chat_template == load_tokenizer(ModelSpec(name_or_path=base)).chat_template
+    messages = [{"role": "user", "content": question["instruction"]}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert prompt_ids(tokenizer, "chat", question) == expected  # the family's own template, one BOS at most
+
+    goat = ["data.goat.n=32", "data.goat.ops=[add]", "data.goat.add_sub_digits=2", "data.eval_fraction=0.25"]
+    goat += ["data.require_digit_split=false"]  # the Llama-3 tokenizer groups digits: the check would refuse it
+    arithmetic = train("goat_lora.yaml", [f"model.name_or_path={base}", "quant=null", *goat, *common,
+                                          f"output.dir={tmp_path / 'goat'}"])
+    result = evaluate(arithmetic, n=8, batch_size=4, echo=lambda _: None)
+    assert result.n == 8 and (arithmetic / "eval.json").is_file()

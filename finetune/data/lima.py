@@ -4,8 +4,8 @@ Rows come as the public LIMA set has them (`conversations`: alternating user/ass
 `source`) or in the common `messages` form (`[{"role": ..., "content": ...}]`, an optional leading
 system message). The chat template renders the conversation; each assistant turn's answer (through its
 end-of-turn token) is trained, everything else is masked. What a template writes after the end-of-turn
-token (ChatML's newline between turns) is masked: generation stops at that token, so the model never
-writes what follows. With `train_on: last_turn` only the final answer is trained.
+token (ChatML's newline between turns) is masked, and dropped after the last answer: generation stops
+at that token, so the model never writes what follows. With `train_on: last_turn` only the final answer is trained.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def to_conversation(
         answer, after = split_after(through_answer[len(prompt) :], end_of_turn)
         segments.append(Segment(prompt[len(done) :], trained=train_on_prompt))
         segments.append(Segment(answer, trained=trained))
-        if after:
+        if after and i != answers[-1]:  # after the last answer the conversation is over: nothing to learn
             segments.append(Segment(after, trained=train_on_prompt))
         done = through_answer
     return Conversation(tuple(segments), row=ref, add_eos=False, whole_text=True)
