@@ -207,7 +207,7 @@ def untied_head_source(adapter, shards) -> str | None:
     embedding = next((name for name in sorted(names) if name.endswith("embed_tokens.weight")), None)
     if HEAD in names or embedding is None:
         return None
-    return embedding if {HEAD, embedding} & (set(adapter.low_rank) | set(adapter.replaced)) else None
+    return embedding if {HEAD, embedding} & adapter.targets else None
 
 
 def _merged_layout(adapter, reader, key: str, source: str, dtype) -> tuple[tuple[int, ...], object]:
