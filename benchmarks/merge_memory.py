@@ -95,9 +95,9 @@ def child(task: str, run_dir: Path, out: Path, shard_size: str) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from finetune.eval.generate import read_run_recipe
+        from finetune.run_folder import read_recipe
 
-        base = AutoModelForCausalLM.from_pretrained(read_run_recipe(run_dir).model.name_or_path)
+        base = AutoModelForCausalLM.from_pretrained(read_recipe(run_dir).model.name_or_path)
         merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
         merged.save_pretrained(out, max_shard_size=shard_size)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

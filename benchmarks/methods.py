@@ -38,7 +38,7 @@ def child(overrides: list[str]) -> None:
     """Train once in this process and print the figures as JSON."""
     from finetune.pipeline import run
     from finetune.recipe.load import load_recipe
-    from finetune.train.run_dir import read_metrics
+    from finetune.run_folder import read_metrics
 
     result = run(load_recipe(REPO / "recipes" / "quickstart.yaml", overrides), echo=lambda _: None)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -146,7 +146,7 @@ def run_trl(model_path: Path, steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.data.alpaca import format_prompt
+    from finetune.data.formats.alpaca import format_prompt
 
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -192,7 +192,7 @@ def run_alpaca_lora(model_path: Path, steps: int, out: Path) -> dict:
         set_seed,
     )
 
-    from finetune.data.alpaca import format_prompt
+    from finetune.data.formats.alpaca import format_prompt
 
     set_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

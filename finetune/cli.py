@@ -166,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_merge_verb(verb) -> None:
     merge = verb(
-        "merge", cmd_merge, "fold a LoRA run's adapter into its base weights: a plain transformers folder", recipe=False
+        "merge",
+        cmd_merge,
+        "fold a LoRA or IA3 run's adapter into its base weights: a plain transformers folder",
+        recipe=False,
     )
     merge.add_argument("run_dir", metavar="RUN_DIR")
     merge.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/merged)")
@@ -213,13 +216,15 @@ def cmd_plan(args) -> int:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape
     from finetune.train.plan import plan_report
 
-    print(
-        plan_report(
-            recipe, args.recipe, gpu_memory=args.gpu_memory, world_size=args.world_size, model_params=args.model_params
-        )
-    )
+    if args.model_params:
+        name = f"LLaMA-{args.model_params}" if args.model_params in LLAMA1_SHAPES else args.model_params
+        shape, model = KNOWN_SHAPES[args.model_params], f"{name} shape"
+    else:
+        shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
+    print(plan_report(recipe, args.recipe, shape, model, gpu_memory=args.gpu_memory, world_size=args.world_size))
     return 0
 
 
@@ -232,14 +237,15 @@ def cmd_schema(args) -> int:
 
 def cmd_run(args) -> int:
     from finetune.errors import InputError
-    from finetune.recipe.load import load_recipe, load_run_folder_recipe
+    from finetune.recipe.load import load_recipe
+    from finetune.run_folder import read_recipe
 
     if args.resume and args.overwrite:
         raise InputError("--resume continues a run folder and --overwrite empties it; give one of them")
     if Path(args.recipe).is_dir() and not args.resume:
         raise InputError(f"{args.recipe} is a folder: give a recipe file, or add --resume to continue a run folder")
     if args.resume and Path(args.recipe).is_dir():
-        recipe = load_run_folder_recipe(args.recipe, args.overrides)
+        recipe = read_recipe(args.recipe, args.overrides, check_files=True)
     else:
         recipe = load_recipe(args.recipe, args.overrides)
     if args.accelerate_config:
@@ -250,7 +256,7 @@ def cmd_run(args) -> int:
     from finetune.pipeline import run
 
     result = run(recipe, overwrite=args.overwrite, resume=args.resume)
-    from finetune.train.run_dir import is_main_process
+    from finetune.run_folder import is_main_process
 
     if not is_main_process():
         return 0
@@ -285,8 +291,8 @@ def cmd_preview(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from finetune.eval.exact_match import evaluate
     from finetune.eval.goat import format_table
-    from finetune.pipeline import evaluate
 
     result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
     print(format_table(result))
@@ -313,7 +319,8 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     from finetune.report import plots
-    from finetune.report.runs import format_differences, read_run
+    from finetune.report.runs import format_differences
+    from finetune.run_folder import read_run
 
     runs = [read_run(path) for path in args.run_dirs]
     plots.save(plots.compare_figure([(run.name, run.metrics) for run in runs]), Path(args.out))
@@ -336,8 +343,9 @@ def cmd_data_stats(args) -> int:
 def cmd_data_goat(args) -> int:
     from pathlib import Path
 
-    from finetune.data import goat
+    from finetune.data.formats import goat
     from finetune.errors import InputError
+    from finetune.run_folder import write_text
 
     ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
     unknown = [op for op in ops if op not in goat.OPERATIONS]
@@ -350,12 +358,7 @@ def cmd_data_goat(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"--out: {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    with partial.open("w", encoding="utf-8") as f:
-        for row in goat.generate(args.n, args.seed, ops):
-            f.write(json.dumps(row) + "\n")
-    partial.replace(out)
+    write_text(out, "".join(json.dumps(row) + "\n" for row in goat.generate(args.n, args.seed, ops)))
     print(f"{args.n} Goat rows ({', '.join(ops)}; seed {args.seed}) written to {out}")
     return 0
 

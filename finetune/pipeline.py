@@ -1,7 +1,9 @@
-"""recipe -> data -> model -> adapter -> train -> run folder.
+"""recipe -> data -> model -> adapter -> train -> run folder: the order of the steps, and nothing else.
 
 Everything that can fail on bad input (recipe, output folder, tokenizer, data rows, model folder)
-fails before the run folder is touched, so a failed command never changes an earlier run.
+fails before the run folder is touched, so a failed command never changes an earlier run. What each
+step does lives in its package: the run folder in `run_folder.py`, batch sizing, training, write
+failures, summaries and the saved artifact in train/, exact match in eval/, report.html in report/.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.model.methods import method_of
 from finetune.recipe.load import recipe_to_yaml
 from finetune.recipe.schema import Recipe
+from finetune.run_folder import RunDir
 
 Echo = Callable[[str], None]
 
@@ -36,25 +40,29 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
 
     from finetune.model.adapters import count_parameters, wrap_adapter
     from finetune.model.load import load_model, pick_device, resolve_source
-    from finetune.train.batch import size_batches
+    from finetune.model.shape import read_shape
+    from finetune.run_folder import is_main_process
+    from finetune.train.artifact import save_artifact
+    from finetune.train.batch import size_batches, with_batch
     from finetune.train.callbacks import StopOnSignalCallback
     from finetune.train.checkpoints import estimate_checkpoint_bytes
-    from finetune.train.launch import check_trainer_distribution, close_process_group
+    from finetune.train.failures import guard_writes, train_until_stopped
+    from finetune.train.launch import check_fsdp_launch, check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, find_resume_point
-    from finetune.train.run_dir import RunDir, is_main_process
+    from finetune.train.summary import summarize
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
     if not is_main_process():  # every process trains; one prints and writes the run folder
         echo = lambda _: None  # noqa: E731
-    if resume:
-        run_dir = RunDir(Path(recipe.output.dir))
-        checkpoints = find_resume_point(run_dir, recipe)
-    else:
-        run_dir, checkpoints = RunDir.claim(recipe.output.dir, overwrite=overwrite), None
+    run_dir = RunDir(Path(recipe.output.dir)) if resume else RunDir.claim(recipe.output.dir, overwrite=overwrite)
     device = pick_device(recipe.train.use_cpu)
     check_fsdp_launch(recipe, mixed_precision(recipe.train, device), device)  # raises now, not after loading
-    recipe = size_batches(recipe, device, echo)
+    auto = recipe.train.micro_batch_size == "auto"  # sized from the model's shape, read from config.json alone
+    shape = read_shape(recipe.model.name_or_path, recipe.model.revision) if auto else None
+    # from here on the recipe holds the batch numbers, as recipe.yaml records them (and a resume compares them)
+    recipe = with_batch(recipe, size_batches(recipe, shape, device, echo))
+    checkpoints = find_resume_point(run_dir, recipe) if resume else None
     tokenizer, data = prepare_data(recipe)
     echo_data_report(data.report, echo)
     if resume:
@@ -79,8 +87,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     stop = StopOnSignalCallback()
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
     check_trainer_distribution(trainer)
-    train(trainer, run_dir, checkpoints, stop, started)
-    artifact = run_dir.artifact(recipe.adapter.kind)
+    train_until_stopped(trainer, run_dir, checkpoints.complete if checkpoints else None, stop, started)
+    artifact = run_dir.path / method_of(recipe.adapter).artifact_folder
     # Under FSDP each process holds a shard: gather the whole state dict (every process takes part) so the
     # saved adapter is an ordinary PEFT folder that merge and export read as they are.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
@@ -102,10 +110,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     return RunResult(run_dir.path, summary, model)
 
 
-def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
+def open_run_folder(run_dir: RunDir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
     """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
+    from finetune.run_folder import is_main_process
+    from finetune.train.environment import environment_info
     from finetune.train.resume import prepare_for_resume
-    from finetune.train.run_dir import environment_info, is_main_process
 
     if checkpoints is not None:
         echo(f"resume: continuing {run_dir.path} from {checkpoints.complete.name}")
@@ -120,91 +129,16 @@ def open_run_folder(run_dir, recipe: Recipe, data, device: str, checkpoints, ech
     run_dir.write_json(run_dir.data, asdict(data.report))
 
 
-def train(trainer, run_dir, checkpoints, stop, started: float) -> None:
-    """trainer.train(), from the checkpoint when resuming; a stopped run leaves a summary saying why.
-
-    Raises:
-        Interrupted: a signal stopped training after a checkpoint was saved.
-        FinetuneError: writing into the run folder failed.
-    """
-    from finetune.errors import FinetuneError, Interrupted
-    from finetune.train.resume import resume_hint
-
-    resume_from = str(checkpoints.complete) if checkpoints is not None else None
-    stop.install()
-    try:
-        # with eval data, the Trainer also evaluates (and saves) after the last step
-        guard_writes(lambda: trainer.train(resume_from_checkpoint=resume_from), run_dir, trainer, started)
-    except FinetuneError:
-        raise  # guard_writes has written the summary
-    except BaseException as error:
-        run_dir.write_json(run_dir.summary, stopped_summary(error, trainer.state, time.time() - started))
-        raise
-    finally:
-        stop.uninstall()
-    if stop.received is not None:
-        step = trainer.state.global_step
-        summary = stopped_summary(KeyboardInterrupt("stopped by a signal"), trainer.state, time.time() - started)
-        run_dir.write_json(run_dir.summary, summary)
-        raise Interrupted(
-            f"interrupted at step {step}: checkpoint saved to {run_dir.checkpoints / f'checkpoint-{step}'}\n"
-            f"resume with: {resume_hint(run_dir.path)}"
-        )
-
-
-def guard_writes(write: Callable[[], object], run_dir, trainer, started: float, *, saving: Path | None = None):
-    """Run `write`; a failure to write the run folder becomes one message naming what failed and what is intact.
-
-    `trainer.state` is read after the failure: `Trainer.train()` replaces the state object it started with.
-
-    A failure counts as a write failure when it is an OSError, or any error while saving the folder `saving`
-    or while the current step's checkpoint is on disk but not complete: torch.save reports a full disk as a
-    RuntimeError, safetensors as a SafetensorError. `saving` names the folder `write` writes, if it is known.
-
-    Raises:
-        FinetuneError: the failure, explained; summary.json says the run failed.
-    """
-    import shutil
-
-    from finetune.errors import FinetuneError
-    from finetune.train.checkpoints import is_complete, scan_checkpoints
-    from finetune.train.resume import resume_hint
-
-    try:
-        return write()
-    except Exception as error:
-        state = trainer.state
-        checkpoint = run_dir.checkpoints / f"checkpoint-{state.global_step}"
-        if not isinstance(error, OSError) and not saving and not (checkpoint.is_dir() and not is_complete(checkpoint)):
-            raise
-        target = saving or (checkpoint if checkpoint.is_dir() else run_dir.path)
-        run_dir.write_json(run_dir.summary, stopped_summary(error, state, time.time() - started))
-        intact = scan_checkpoints(run_dir.checkpoints).complete
-        kept = (
-            f"the newest complete checkpoint, {intact.name}, is intact; once there is room, resume with: "
-            f"{resume_hint(run_dir.path)}"
-            if intact
-            else "no checkpoint had been completed"
-        )
-        free = shutil.disk_usage(run_dir.path).free / 2**20
-        raise FinetuneError(
-            f"writing {target} failed at step {state.global_step} ({type(error).__name__}: "
-            f"{_first_line(error)}); {free:.0f} MiB free there; {kept}"
-        ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
-
-
-def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo: Echo) -> None:
+def finish(model, tokenizer, recipe: Recipe, data, run_dir: RunDir, summary: dict, echo: Echo) -> None:
     """What follows training: sample generations, exact match, report.html."""
-    from finetune.train.run_dir import is_main_process
+    from finetune.run_folder import is_main_process
 
     if recipe.eval.samples:
+        from finetune.train.artifact import write_samples
+
         write_samples(model, tokenizer, data, run_dir, recipe.eval.samples)
     if recipe.eval.exact_match:
+        from finetune.eval.exact_match import score_exact_match
         from finetune.eval.goat import format_table
 
         scored = score_exact_match(
@@ -217,91 +151,6 @@ def finish(model, tokenizer, recipe: Recipe, data, run_dir, summary: dict, echo:
         from finetune.report.html import build_report
 
         echo(f"report: {build_report(run_dir.path)}")
-
-
-def check_fsdp_launch(recipe: Recipe, precision: str, device: str) -> None:
-    """In a process accelerate launched with an FSDP config: refuse what it would not shard.
-
-    Raises:
-        InputError: no GPU (accelerate would train unsharded), or recipe keys FSDP cannot shard.
-    """
-    from finetune.errors import InputError
-    from finetune.train.launch import fsdp_problems, fsdp_requested
-
-    if not fsdp_requested():
-        return
-    if device != "cuda":
-        raise InputError(
-            "accelerate was asked for FSDP, which needs CUDA GPUs, and this process trains on CPU; accelerate "
-            "would train unsharded without saying so. On CPU use accelerate_configs/cpu_ddp.yaml"
-        )
-    problems = fsdp_problems(recipe, precision)
-    if problems:
-        raise InputError("\n".join(f"FSDP: {line}" for line in problems))
-
-
-def stopped_summary(error: BaseException, state, wall_time: float) -> dict:
-    """summary.json of a run that did not finish: how far it got and why it stopped."""
-    return {
-        "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "steps": state.global_step,
-        "wall_time_s": round(wall_time, 2),
-    }
-
-
-def write_samples(model, tokenizer, data, run_dir, n: int) -> None:
-    """A few greedy generations next to their references, for report.html."""
-    from finetune.eval.generate import sample_generations
-
-    source, samples = ("held-out rows", data.eval) if data.eval else ("training rows (no eval split)", data.train)
-    run_dir.write_json(
-        run_dir.samples, {"source": source, "samples": sample_generations(model, tokenizer, samples, n=n)}
-    )
-
-
-def save_artifact(model, tokenizer, target: Path, *, state_dict: dict | None = None) -> None:
-    """Write the adapter (or whole model) and tokenizer under a temporary name, then rename: never half a folder.
-
-    `state_dict`: the model's full state dict where the model itself holds shards (FSDP).
-    """
-    import shutil
-
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-
-
-def summarize(state, artifact: Path, trainable: int, total: int, wall_time: float) -> dict:
-    from finetune.train.metrics import peak_memory
-
-    history = state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), 0)
-    # the last step is always logged (MetricsFileCallback), so its record counts every token of the run
-    real_tokens = next((int(entry["num_tokens"]) for entry in reversed(history) if "num_tokens" in entry), 0)
-    processed = state.num_input_tokens_seen
-    return {
-        "status": "finished",
-        "steps": state.global_step,
-        "epochs": state.epoch,
-        "first_train_loss": losses[0] if losses else None,
-        "last_train_loss": losses[-1] if losses else None,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
-        "tokens_seen": real_tokens,  # non-padding tokens through the model
-        "tokens_processed": processed,  # padding included
-        "padding_share": round(1 - real_tokens / processed, 4) if processed else None,
-        "tokens_per_s": round(real_tokens / runtime, 1) if runtime else None,
-        "train_runtime_s": round(runtime, 2),
-        "peak_rss_mib": peak_memory()["peak_rss_mib"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "wall_time_s": round(wall_time, 2),
-        "artifact": str(artifact),
-    }
 
 
 def echo_data_report(report, echo: Echo) -> None:
@@ -332,43 +181,3 @@ def prepare_data(recipe: Recipe):
 
     tokenizer = load_tokenizer(recipe.model)
     return tokenizer, build_datasets(recipe.data, tokenizer, recipe.train.seed)
-
-
-def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: Echo = print):
-    """Score a finished Goat run by exact match on held-out problems; writes eval.json into its folder.
-
-    Raises:
-        InputError: not a run folder, or not a Goat run.
-    """
-    from finetune.errors import InputError
-    from finetune.eval.generate import load_trained, read_run_recipe
-    from finetune.model.load import pick_device
-    from finetune.train.run_dir import RunDir
-
-    run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
-    formats = recipe.data.formats
-    if "goat" not in formats:
-        raise InputError(
-            f"{run_dir.path}: finetune eval scores exact match for data.format: goat runs; this run's data.format "
-            f"is {', '.join(formats)} (its eval loss is in metrics.jsonl)"
-        )
-    model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
-    return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
-
-
-def score_exact_match(model, tokenizer, recipe: Recipe, run_dir, *, n: int, batch_size: int, echo: Echo):
-    """Greedy answers of `model` to `n` held-out Goat problems, scored and written to the run's eval.json."""
-    from finetune.data.goat import format_prompt
-    from finetune.eval.generate import generate_greedy
-    from finetune.eval.goat import held_out_rows, score
-
-    rows, source = held_out_rows(recipe.data, recipe.train.seed, n)
-    echo(f"eval: {len(rows)} problems from {source}")
-    longest = max(len(tokenizer(row["output"], add_special_tokens=False).input_ids) for row in rows)
-    prompts = [format_prompt(row["instruction"]) for row in rows]
-    model.eval()
-    completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=longest + 8, batch_size=batch_size)
-    result = score(rows, completions, source)
-    run_dir.write_json(run_dir.eval, result.to_json())
-    return result

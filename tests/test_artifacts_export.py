@@ -28,7 +28,8 @@ def test_the_adapter_export_loads_with_plain_peft_and_gives_the_runs_logits(lora
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
+    from finetune.run_folder import read_recipe
 
     out = tmp_path / "export"
     assert main(["export", str(lora_run), "--format", "adapter", "--out", str(out)]) == 0
@@ -36,7 +37,7 @@ def test_the_adapter_export_loads_with_plain_peft_and_gives_the_runs_logits(lora
     assert sorted(p.name for p in out.iterdir()) == ADAPTER_EXPORT
     assert not list(tmp_path.glob(".*"))  # no temporary folder left beside it
 
-    recipe = read_run_recipe(lora_run)
+    recipe = read_recipe(lora_run)
     config = json.loads((out / "adapter_config.json").read_text())
     base_path = config["base_model_name_or_path"]
     assert base_path == recipe.model.name_or_path and base_path.startswith("/")
@@ -98,7 +99,10 @@ def test_a_non_empty_out_is_refused_and_kept_then_replaced_with_overwrite(lora_r
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(["export", str(lora_run), "--format", "adapter", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out: {out} is not empty; pass --overwrite to replace it"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --out: {out} is not empty; pass --overwrite to replace it, or choose another folder"
+    )
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert main(["export", str(lora_run), "--format", "adapter", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ADAPTER_EXPORT

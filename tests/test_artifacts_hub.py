@@ -197,7 +197,8 @@ def test_a_pushed_adapter_downloads_and_gives_the_runs_logits(lora_run, hub, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
+    from finetune.run_folder import read_recipe
 
     home = tmp_path / "hf-home"
     done = push(lora_run, hub, home, "--repo-id", "me/tiny-adapter", "--revision", "dev", "--private")
@@ -219,7 +220,7 @@ def test_a_pushed_adapter_downloads_and_gives_the_runs_logits(lora_run, hub, tmp
     snapshot = download(hub, "me/tiny-adapter", ADAPTER_EXPORT, "dev", tmp_path / "cache")
     card = (snapshot / "README.md").read_text()
     assert read_front_matter(card) == {"library_name": "peft", "tags": ["finetune", "lora", "alpaca"]}
-    recipe = read_run_recipe(lora_run)
+    recipe = read_recipe(lora_run)
     config = json.loads((snapshot / "adapter_config.json").read_text())
     downloaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), snapshot
@@ -278,7 +279,8 @@ def test_base_weights_never_go_up_with_an_adapter(lora_run, hub, tmp_path):
 def test_a_merged_push_uploads_the_merged_folder_with_a_transformers_card(lora_run, hub, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
+    from finetune.run_folder import read_recipe
 
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
@@ -289,7 +291,7 @@ def test_a_merged_push_uploads_the_merged_folder_with_a_transformers_card(lora_r
         == f"error: {run}: has no merged model (merged/config.json); run `finetune merge {run}` first"
     )
 
-    model, tokenizer = load_trained(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = load_trained(run, read_recipe(run), device="cpu")
     model.merge_and_unload().save_pretrained(run / "merged")
     tokenizer.save_pretrained(run / "merged")
     done = push(run, hub, tmp_path / "hf-home", "--repo-id", "me/tiny-merged", "--merged")

@@ -1,4 +1,5 @@
-"""finetune merge: shard-by-shard LoRA merges equal the adapter model, for every LoRA variant and family."""
+"""finetune merge: shard-by-shard LoRA and (IA)^3 merges equal the adapter model, for every LoRA variant, and
+for each family from a bf16 base."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.artifacts.lora import Adapter
 from finetune.artifacts.merge import merge_run
 from finetune.artifacts.shards import tensor_infos
 from finetune.artifacts.verify import merge_tolerance
 from finetune.cli import main
+from finetune.model.methods.lora import Adapter
 from finetune.pipeline import run
 from finetune.recipe.load import load_recipe
 
@@ -150,6 +151,38 @@ def test_a_failed_check_exits_1_and_writes_nothing(write_recipe, capsys):
     assert not (run_dir / "merged").exists() and not (run_dir / "merged.partial").exists()
 
 
+def train_ia3(write_recipe):
+    """(IA)^3 scales start at 1; a high learning rate moves them far enough to change the logits clearly."""
+    return train(write_recipe, adapter={"kind": "ia3"}, train={"lr": 5e-2})
+
+
+def test_ia3_merge_equals_adapter(write_recipe, tiny_model_dir, capsys):
+    run_dir = train_ia3(write_recipe)
+    assert main(["merge", str(run_dir)]) == 0
+    assert "max |merged - adapter| logit difference" in capsys.readouterr().out
+    assert_merged_equals_adapter(run_dir, tiny_model_dir, run_dir / "merged")
+
+
+def test_ia3_merge_that_drops_the_feedforward_scales_fails_its_check(write_recipe, monkeypatch, capsys):
+    import dataclasses
+
+    from finetune.model.methods import METHODS, ia3
+
+    run_dir = train_ia3(write_recipe)
+    read_scales = ia3.read_scales
+
+    def without_feedforward(folder, *, device="cpu"):
+        scales = read_scales(folder, device=device)
+        scales.vectors = {name: v for name, v in scales.vectors.items() if "down_proj" not in name}
+        return scales
+
+    monkeypatch.setitem(METHODS, "ia3", dataclasses.replace(ia3.METHOD, read_merge=without_feedforward))
+    assert main(["merge", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "merge check failed" in err and "nothing was written" in err
+    assert not (run_dir / "merged").exists()
+
+
 # --- the families people fine-tune today, from bf16 base checkpoints
 
 
@@ -160,9 +193,10 @@ def float32_logits(folder, ids):
 
 def adapter_and_base_float32_logits(run_dir, ids):
     """The run's adapter model as the run loads it (on CPU: the bf16 base upcast to float32), and its base."""
-    from finetune.eval.generate import load_trained, read_run_recipe
+    from finetune.eval.generate import load_trained
+    from finetune.run_folder import read_recipe
 
-    model, _ = load_trained(run_dir, read_run_recipe(run_dir), device="cpu")
+    model, _ = load_trained(run_dir, read_recipe(run_dir), device="cpu")
     assert model.dtype == torch.float32
     adapter = logits(model, ids)
     with model.disable_adapter():

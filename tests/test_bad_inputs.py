@@ -144,7 +144,7 @@ CASES = [
          "error: command line: quant.bits=3: must be one of 4 or 8 (got 3)"),
     Case("adapter-kind-typo", validate("adapter={kind: lorra}"), 2,
          "error: command line: adapter={kind: lorra}: adapter.kind: must be one of 'lora', 'prefix', 'prompt', "
-         "'none' (got 'lorra'); did you mean 'lora'?"),
+         "'ia3', 'none' (got 'lorra'); did you mean 'lora'?"),
     Case("missing-model", validate("model=null"), 2,
          "re:error: command line: model=null: expected a section \\(a mapping of keys\\) \\(got None\\)"),
     Case("override-without-value", ("validate", GOOD, "train.lr"), 2,
@@ -162,6 +162,15 @@ CASES = [
     Case("dora-on-8-bit", validate("adapter.use_dora=true", "quant.bits=8"), 2,
          "error: command line: adapter.use_dora=true: DoRA is not supported on an 8-bit base by peft; use "
          "quant.bits: 4"),
+    Case("ia3-quantized", validate("adapter={kind: ia3}", "quant.bits=4"), 2,
+         "error: command line: quant.bits=4: adapter.kind: ia3 cannot train on a quantized base: the trainer keeps a "
+         "quantized model's adapter in bfloat16, where its scales (near 1) cannot take steps below 1/128; remove the "
+         "quant section (ia3 trains few values; the base stays frozen in 16 bits)"),
+    Case("ia3-feedforward-not-a-target", validate("adapter={kind: ia3, target_modules: [q_proj], "
+                                                  "feedforward_modules: [down_proj]}"), 2,
+         "error: command line: adapter={kind: ia3, target_modules: [q_proj], feedforward_modules: [down_proj]}: "
+         "adapter.feedforward_modules: down_proj is not in adapter.target_modules; list only target modules here, "
+         "or add them to adapter.target_modules"),
     Case("warmup-twice", validate("train.warmup_steps=5", "train.warmup_ratio=0.1"), 2,
          "error: command line: train.warmup_steps=5: set either warmup_steps or warmup_ratio, not both"),
     Case("exact-match-on-alpaca", validate("eval.exact_match=10"), 2,
@@ -205,6 +214,16 @@ CASES = [
          "re:error: {bad}/rows_wrong_type.json: row 1: 'output' .*"),
     Case("data-rows-not-objects", run_over("data.path=rows_not_objects.json"), 2,
          "{bad}/rows_not_objects.json: row 2: expected an object with 'instruction' and 'output', got int"),
+    Case("sharegpt-unknown-role", run_over("data.format=sharegpt", "data.path=rows_sharegpt_unknown_role.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_unknown_role.jsonl:2: turn 2 is from 'bot': expected human, gpt or system "
+         "(or user, assistant)"),
+    Case("sharegpt-empty", run_over("data.format=sharegpt", "data.path=rows_sharegpt_empty.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_empty.jsonl:2: 'conversations' must be a non-empty list of {from, value} turns"),
+    Case("sharegpt-not-alternating", run_over("data.format=sharegpt", "data.path=rows_sharegpt_not_alternating.jsonl"),
+         2, "error: {bad}/rows_sharegpt_not_alternating.jsonl:2: turn 2 is from 'user', expected 'assistant' (turns "
+         "must alternate)"),
+    Case("sharegpt-empty-turn", run_over("data.format=sharegpt", "data.path=rows_sharegpt_empty_turn.jsonl"), 2,
+         "error: {bad}/rows_sharegpt_empty_turn.jsonl:2: turn 2 (assistant) is empty"),
     Case("data-response-truncated-away", run_over("data.path=rows_prompt_too_long.json"), 2,
          "error: {bad}/rows_prompt_too_long.json: no training sample left after data.overlong=truncate, "
          "data.max_seq_len=128, data.min_tokens=0 and data.dedup=none"),

@@ -11,7 +11,7 @@ from finetune.cli import main
 from finetune.data.build import build_datasets
 from finetune.model.load import load_tokenizer
 from finetune.recipe.load import load_recipe
-from finetune.train.run_dir import read_metrics
+from finetune.run_folder import read_metrics
 
 from conftest import REPO, SAMPLE_DATA
 
@@ -58,7 +58,7 @@ def test_non_empty_output_dir_is_refused_and_left_untouched(write_recipe, tmp_pa
     path = write_recipe()
     assert main(["run", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: output.dir: {run} is not empty; pass --overwrite to replace it, or choose another output.dir"
+        f"error: output.dir: {run} is not empty; pass --overwrite to replace it, or choose another folder"
     )
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
     assert main(["run", str(path), "--overwrite", "train.max_steps=1"]) == 0

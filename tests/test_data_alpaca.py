@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from finetune.data.alpaca import format_prompt, to_conversation
 from finetune.data.build import build_datasets, split_holdout
+from finetune.data.formats.alpaca import format_prompt, to_conversation
 from finetune.data.sources import read_rows
 from finetune.data.tokenize import tokenize_conversations
 from finetune.errors import DataError

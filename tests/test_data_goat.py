@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from finetune.data import goat
 from finetune.data.build import build_datasets
+from finetune.data.formats import goat
 from finetune.data.tokenize import tokenize_conversations
 from finetune.errors import InputError
 from finetune.recipe.schema import DataSpec

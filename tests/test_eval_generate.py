@@ -11,8 +11,9 @@ import torch
 
 from finetune.cli import main
 from finetune.data.build import build_datasets, load_rows, sources_of
-from finetune.eval.generate import Sampling, generate, load_target, read_run_recipe
+from finetune.eval.generate import Sampling, generate, load_target
 from finetune.eval.prompts import prompt_ids
+from finetune.run_folder import read_recipe
 
 from conftest import REPO
 
@@ -27,9 +28,20 @@ RUNS = {
         "adapter": {"kind": "prompt", "num_virtual_tokens": 4},
         "data": {"format": "goat", "path": None, "goat": {"n": 64, "ops": ["add"], "add_sub_digits": 3}},
     },
+    "ia3-sharegpt": {
+        "adapter": {"kind": "ia3"},
+        "data": {"format": "sharegpt", "path": str(REPO / "tests" / "sharegpt_sample.jsonl"), "max_seq_len": 256},
+    },
     "full": {"adapter": {"kind": "none"}},
 }
-PROMPT_FORMAT = {"lora": "alpaca", "qlora-lima": "chat", "prefix": "alpaca", "prompt-goat": "goat", "full": "alpaca"}
+PROMPT_FORMAT = {
+    "lora": "alpaca",
+    "qlora-lima": "chat",
+    "prefix": "alpaca",
+    "prompt-goat": "goat",
+    "ia3-sharegpt": "chat",
+    "full": "alpaca",
+}
 QUESTION = {"instruction": "What is 12 + 7?"}
 
 
@@ -60,7 +72,7 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
     assert main(["generate", str(run), "--prompt", QUESTION["instruction"], "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
     ids = prompt_ids(tokenizer, PROMPT_FORMAT[name], QUESTION)
     expected = greedy_ids(model, tokenizer, ids, 6)
     assert generate(run, [QUESTION], Sampling(max_new_tokens=6), prompt_format=None, echo=None) == [expected]
@@ -68,10 +80,10 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
     assert 0 < len(expected) <= 6 and (len(expected) == 6 or expected[-1] == tokenizer.eos_token_id)
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora-lima", "prompt-goat"])
+@pytest.mark.parametrize("name", ["lora", "qlora-lima", "prompt-goat", "ia3-sharegpt"])
 def test_prompt_ids_are_the_masked_prefix_of_the_training_samples(name, tiny_run):
     run = tiny_run(name, **RUNS[name])
-    recipe = read_run_recipe(run)
+    recipe = read_recipe(run)
     _, tokenizer = load_target(run, recipe, device="cpu")
     samples = build_datasets(recipe.data, tokenizer, recipe.train.seed).train
     source = load_rows(sources_of(recipe.data)[0])
@@ -80,6 +92,10 @@ def test_prompt_ids_are_the_masked_prefix_of_the_training_samples(name, tiny_run
         row = rows[sample.row]
         if name == "qlora-lima":
             row = {"instruction": row["conversations"][0]}
+        if name == "ia3-sharegpt":
+            if row["conversations"][0]["from"] == "system":
+                continue  # a prompt of `generate` is one user turn, with no system turn before it
+            row = {"instruction": row["conversations"][0]["value"]}
         assert prompt_ids(tokenizer, PROMPT_FORMAT[name], row) == masked_prefix(sample), sample.row
 
 
@@ -104,7 +120,7 @@ def test_a_file_of_prompts_is_answered_in_order(tiny_run, tmp_path, capsys):
     assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_run_recipe(run), device="cpu")
+    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
     expected = []
     for number, row in enumerate([*rows, QUESTION], start=1):
         answer = greedy_ids(model, tokenizer, prompt_ids(tokenizer, "alpaca", row), 4)

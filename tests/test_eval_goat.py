@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+
+import pytest
 
 from finetune.cli import main
-from finetune.data import goat
 from finetune.data.build import build_datasets, split_holdout
+from finetune.data.formats import goat
+from finetune.errors import InputError
 from finetune.eval.goat import format_table, held_out_rows, score
 from finetune.recipe.schema import DataSpec, GoatSpec
 
@@ -22,21 +26,56 @@ def test_reference_solutions_score_100_percent_and_wrong_ones_zero():
     assert table.startswith("exact match 200/200 = 100.0% on test") and "mul (*)" in table
 
 
-def test_fresh_held_out_problems_never_appear_in_training():
+def write_report(built, tmp_path):
+    """data.json as the run folder holds it."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(asdict(built.report)))
+    return path
+
+
+def test_fresh_held_out_problems_never_appear_in_training(tmp_path):
     spec = DataSpec(format="goat", goat=GoatSpec(n=300, seed=1, ops=["add"], add_sub_digits=2))
-    rows, source = held_out_rows(spec, seed=0, n=50)
+    rows, source = held_out_rows(spec, n=50, data_report=tmp_path / "data.json")  # no eval split: not read
     train_inputs = {row["input"] for row in goat.generate_from_spec(spec.goat)}
     assert len(rows) == 50 and not train_inputs & {row["input"] for row in rows}
     assert source == "50 generated problems absent from the training rows"
 
 
-def test_eval_split_rows_are_the_runs_own_held_out_rows():
+def test_eval_split_rows_are_the_runs_own_held_out_rows(tokenizer, tmp_path):
     spec = DataSpec(format="goat", goat=GoatSpec(n=100, seed=2), eval_fraction=0.1)
-    rows, source = held_out_rows(spec, seed=5, n=500)
+    report = write_report(build_datasets(spec, tokenizer, seed=5), tmp_path)
+    rows, source = held_out_rows(spec, n=500, data_report=report)
     assert len(rows) == 10 and source == "the run's held-out 10%"
 
 
-def test_a_held_out_problem_is_never_trained_on_in_another_phrasing(tokenizer):
+def test_with_skipped_bad_rows_eval_scores_exactly_the_runs_held_out_problems(tokenizer, tmp_path):
+    rows = list(goat.generate(400, seed=4, ops=("add",)))
+    rows.insert(3, {"instruction": "What is 1 + 1?", "input": "1 + 1"})  # no output: skipped
+    path = tmp_path / "goat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = DataSpec(format="goat", path=str(path), eval_fraction=0.2, on_bad_row="skip")
+    built = build_datasets(spec, tokenizer, seed=3)
+    assert [d["row"] for d in built.report.dropped_rows] == [f"{path}:4"]
+    by_ref = dict(zip([f"{path}:{i}" for i in range(1, len(rows) + 1)], rows, strict=True))
+    trained = {goat.problem_of(by_ref[sample.row]) for sample in built.train}
+    held_out = [by_ref[sample.row] for sample in built.eval]
+
+    scored, _ = held_out_rows(spec, n=10_000, data_report=write_report(built, tmp_path))
+    assert scored == held_out
+    assert not trained & {goat.problem_of(row) for row in scored}
+    # the split re-derived from the raw rows, the bad one among them, is another split: it scores trained problems
+    _, rederived = split_holdout(rows, spec.eval_fraction, seed=3, group_of=goat.problem_of)
+    assert trained & {goat.problem_of(row) for row in rederived}
+
+
+def test_a_run_folder_without_recorded_held_out_rows_is_refused(tmp_path):
+    spec = DataSpec(format="goat", goat=GoatSpec(n=100, seed=2), eval_fraction=0.1)
+    (tmp_path / "data.json").write_text(json.dumps({"source": "goat generator (seed 2)"}))
+    with pytest.raises(InputError, match="records no held-out rows"):
+        held_out_rows(spec, n=10, data_report=tmp_path / "data.json")
+
+
+def test_a_held_out_problem_is_never_trained_on_in_another_phrasing(tokenizer, tmp_path):
     # 100 one-digit additions in 2,000 rows: every problem comes in many phrasings
     spec = DataSpec(format="goat", goat=GoatSpec(n=2000, seed=0, ops=["add"], add_sub_digits=1), eval_fraction=0.2)
     rows = list(goat.generate_from_spec(spec.goat))
@@ -46,7 +85,7 @@ def test_a_held_out_problem_is_never_trained_on_in_another_phrasing(tokenizer):
     assert not held_problems & {goat.problem_of(row) for row in train}
 
     built = build_datasets(spec, tokenizer, seed=7)
-    scored, _ = held_out_rows(spec, seed=7, n=10_000)
+    scored, _ = held_out_rows(spec, n=10_000, data_report=write_report(built, tmp_path))
     assert scored == held
     assert (len(built.train), len(built.eval)) == (len(train), len(held))
 

@@ -10,7 +10,7 @@ from finetune.data.build import build_datasets
 from finetune.model.adapters import count_parameters, wrap_adapter
 from finetune.model.load import load_model, load_tokenizer, resolve_source
 from finetune.recipe.load import load_recipe
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 from finetune.train.trainer import build_trainer
 
 METHODS = {
@@ -24,9 +24,10 @@ METHODS = {
     "prefix-projection": {"adapter": {"kind": "prefix", "num_virtual_tokens": 8, "prefix_projection": True}},
     "prefix-4bit": {"adapter": {"kind": "prefix", "num_virtual_tokens": 8}, "quant": {"bits": 4}},
     "prompt-text-init": {"adapter": {"kind": "prompt", "num_virtual_tokens": 8, "init_text": "Answer the request"}},
+    "ia3": {"adapter": {"kind": "ia3"}},
     "full": {"adapter": {"kind": "none"}},
 }
-TRAINABLE_NAME = {"lora": "lora_", "prefix": "prompt_encoder", "prompt": "prompt_encoder"}
+TRAINABLE_NAME = {"lora": "lora_", "prefix": "prompt_encoder", "prompt": "prompt_encoder", "ia3": "ia3_l"}
 
 
 def snapshot(model) -> tuple[dict, dict]:

@@ -87,9 +87,10 @@ def train(recipe: str, overrides: list[str]):
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
 def test_a_chat_run_generates_and_a_goat_run_evaluates_on_each_family(family, family_model_dir, tmp_path):
-    from finetune.eval.generate import Sampling, generate, load_target, read_run_recipe
+    from finetune.eval.exact_match import evaluate
+    from finetune.eval.generate import Sampling, generate, load_target
     from finetune.eval.prompts import prompt_ids
-    from finetune.pipeline import evaluate
+    from finetune.run_folder import read_recipe
 
     base = str(family_model_dir(family))
     common = ["train.max_steps=2", "train.micro_batch_size=2", "output.report=false", "eval.samples=0"]
@@ -99,7 +100,7 @@ def test_a_chat_run_generates_and_a_goat_run_evaluates_on_each_family(family, fa
     question = {"instruction": "Name a color."}
     [answer] = generate(chat, [question], Sampling(max_new_tokens=6), prompt_format=None, echo=None)
     assert 0 < len(answer) <= 6
-    _, tokenizer = load_target(chat, read_run_recipe(chat), device="cpu")
+    _, tokenizer = load_target(chat, read_recipe(chat), device="cpu")
     assert tokenizer.chat_template == load_tokenizer(ModelSpec(name_or_path=base)).chat_template
     messages = [{"role": "user", "content": question["instruction"]}]
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]

@@ -12,8 +12,7 @@ import pytest
 from finetune.cli import main
 from finetune.report import plots
 from finetune.report.html import build_report
-from finetune.report.runs import read_run
-from finetune.train.run_dir import read_metrics
+from finetune.run_folder import read_metrics, read_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -12,40 +12,46 @@ from finetune.cli import main
 from finetune.errors import InputError, RecipeError
 from finetune.model.shape import read_shape
 from finetune.recipe.load import load_recipe
-from finetune.train.batch import resolve_batch
+from finetune.train.batch import Batch, resolve_batch, with_batch
 from finetune.train.plan import GiB, largest_micro_batch
 
 
 def test_tokens_per_update_sets_grad_accum(write_recipe):
     recipe = load_recipe(write_recipe(train={"grad_accum": None}), ["train.tokens_per_update=5000"])
-    resolved = resolve_batch(recipe, device_memory=None, world_size=2)
-    assert resolved.train.micro_batch_size == 4  # fixed in the recipe
-    assert resolved.train.grad_accum == math.ceil(5000 / (4 * 256 * 2)) == 3
-    assert resolved.train.tokens_per_update is None
+    batch = resolve_batch(recipe, None, device_memory=None, world_size=2)
+    assert batch == Batch(micro_batch_size=4, grad_accum=math.ceil(5000 / (4 * 256 * 2))) == Batch(4, 3)
+    recorded = with_batch(recipe, batch).train  # what recipe.yaml holds
+    assert (recorded.micro_batch_size, recorded.grad_accum, recorded.tokens_per_update) == (4, 3, None)
 
 
 def test_auto_takes_the_largest_micro_batch_that_fits(write_recipe, tiny_model_dir):
     recipe = load_recipe(write_recipe(), ["train.micro_batch_size=auto", "train.gpu_memory=0.9GiB"])
-    resolved = resolve_batch(recipe, device_memory=None)
-    expected = largest_micro_batch(recipe, read_shape(str(tiny_model_dir)), world_size=1, gpu_memory=int(0.9 * GiB))
-    assert resolved.train.micro_batch_size == expected and expected > 1
+    shape = read_shape(str(tiny_model_dir))
+    resolved = resolve_batch(recipe, shape, device_memory=None)
+    expected = largest_micro_batch(recipe, shape, world_size=1, gpu_memory=int(0.9 * GiB))
+    assert resolved.micro_batch_size == expected and expected > 1
     more = resolve_batch(
-        recipe.model_copy(update={"train": recipe.train.model_copy(update={"gpu_memory": "2GiB"})}), device_memory=None
+        recipe.model_copy(update={"train": recipe.train.model_copy(update={"gpu_memory": "2GiB"})}),
+        shape,
+        device_memory=None,
     )
-    assert more.train.micro_batch_size > expected
+    assert more.micro_batch_size > expected
 
 
-def test_auto_on_cpu_needs_a_memory_figure(write_recipe):
+def test_auto_on_cpu_needs_a_memory_figure(write_recipe, tiny_model_dir):
     recipe = load_recipe(write_recipe(), ["train.micro_batch_size=auto"])
+    shape = read_shape(str(tiny_model_dir))
     with pytest.raises(InputError, match="set train.gpu_memory"):
-        resolve_batch(recipe, device_memory=None)
-    assert resolve_batch(recipe, device_memory=GiB).train.micro_batch_size > 0  # a GPU's memory serves
+        resolve_batch(recipe, shape, device_memory=None)
+    assert resolve_batch(recipe, shape, device_memory=GiB).micro_batch_size > 0  # a GPU's memory serves
 
 
-def test_auto_refuses_when_nothing_fits(write_recipe):
+def test_auto_refuses_when_nothing_fits(write_recipe, tiny_model_dir):
     recipe = load_recipe(write_recipe(), ["train.micro_batch_size=auto", "train.gpu_memory=0.5GiB"])
     with pytest.raises(InputError, match="not even one sample of 256 tokens fits"):
-        resolve_batch(recipe, device_memory=None)  # the 0.75 GiB CUDA context alone is more
+        resolve_batch(
+            recipe, read_shape(str(tiny_model_dir)), device_memory=None
+        )  # the 0.75 GiB CUDA context alone is more
 
 
 @pytest.mark.parametrize(

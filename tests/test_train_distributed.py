@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from finetune.cli import main
 from finetune.errors import InputError
 from finetune.recipe.load import load_recipe
+from finetune.run_folder import RunDir
 from finetune.train.launch import check_launch, read_accelerate_config
-from finetune.train.run_dir import RunDir
 
 from conftest import REPO
 

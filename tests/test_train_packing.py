@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from finetune.data.build import build_datasets
 from finetune.model.load import load_model, load_tokenizer
 from finetune.recipe.load import load_recipe
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 from finetune.train.trainer import build_trainer
 
 

@@ -42,8 +42,10 @@ def measured(recipe):
         ["quant.bits=4", "quant.double_quant=false", "adapter.target_modules=[q_proj, v_proj]"],
         ["quant.bits=8"],
         ["train.optimizer=adamw_8bit"],
+        ["adapter={kind: ia3}"],
+        ["adapter={kind: ia3, target_modules: [q_proj, up_proj, down_proj], feedforward_modules: [up_proj]}"],
     ],
-    ids=["lora", "full", "qlora-nf4-double-quant", "qlora-nf4-qv", "lora-int8", "lora-adamw-8bit"],
+    ids=["lora", "full", "qlora-nf4-double-quant", "qlora-nf4-qv", "lora-int8", "lora-adamw-8bit", "ia3", "ia3-ff-up"],
 )
 def test_planned_states_match_torch_tensors(write_recipe, tiny_model_dir, overrides):
     recipe = load_recipe(write_recipe(), [*CPU_FP32, *overrides])

@@ -18,31 +18,34 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.errors import InputError
+from finetune.run_folder import RunDir, read_metrics
 from finetune.train.callbacks import HANG_AT_SAVE_ENV
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.resume import truncate_metrics
-from finetune.train.run_dir import RunDir, read_metrics
 
 from conftest import REPO, SAMPLE_DATA
 
 MAX_STEPS = 8  # checkpoints at steps 3 and 6
 
 
-def recipe_for(tiny_model_dir: Path, folder: Path, run: Path) -> Path:
+def recipe_for(tiny_model_dir: Path, folder: Path, run: Path, **changes) -> Path:
+    """The recipe of these runs, `changes` merged into its train section (a key given as None is removed)."""
+    train = {
+        "max_steps": MAX_STEPS,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "lr": 1e-3,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "save_total_limit": None,
+        **changes,
+    }
     recipe = {
         "model": {"name_or_path": str(tiny_model_dir)},
         "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 128},
-        "train": {
-            "max_steps": MAX_STEPS,
-            "micro_batch_size": 2,
-            "grad_accum": 2,
-            "lr": 1e-3,
-            "gradient_checkpointing": False,
-            "logging_steps": 1,
-            "save_steps": 3,
-            "save_total_limit": None,
-        },
+        "train": {key: value for key, value in train.items() if key not in changes or value is not None},
         "eval": {"samples": 0},
         "output": {"dir": str(run), "report": False, "tensorboard": False},
     }
@@ -193,6 +196,39 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir,
 
     assert main(["run", str(run), "--resume"]) == 0
     assert_same_result(run, reference)
+
+
+@pytest.mark.parametrize(
+    "batch, changed",
+    [
+        # grad_accum = 512 / (2 x 128) = 2, as the reference recipe gives it; 2048 would make it 8
+        ({"grad_accum": None, "tokens_per_update": 512}, ["train.tokens_per_update=2048"]),
+        ({"micro_batch_size": "auto", "gpu_memory": "0.755GiB"}, ["train.gpu_memory=0.76GiB"]),  # auto: 3, then 7
+    ],
+    ids=["tokens_per_update", "auto"],
+)
+def test_a_recipe_with_planned_batches_resumes_from_its_file(tiny_model_dir, tmp_path, batch, changed, capsys):
+    """`finetune run RECIPE --resume` where the recipe leaves batch numbers to the planner: they resolve to
+    the numbers the run folder's recipe.yaml recorded, and other numbers are still refused."""
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["run", str(recipe_for(tiny_model_dir, tmp_path, uninterrupted, **batch))]) == 0
+    run = tmp_path / "run"
+    recipe = recipe_for(tiny_model_dir, tmp_path, run, **batch)
+    process = start(recipe)
+    wait_for(
+        lambda: (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file() and 4 in logged_steps(run), process
+    )
+    process.kill()
+    process.wait()
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())["train"]
+    assert isinstance(recorded["micro_batch_size"], int) and recorded["tokens_per_update"] is None
+
+    assert main(["run", str(recipe), "--resume", *changed]) == 2
+    assert "--resume: the recipe differs from" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--resume"]) == 0
+    assert "resume: continuing" in capsys.readouterr().out
+    assert_same_result(run, uninterrupted)
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"] == recorded
 
 
 def test_resume_refuses_a_recipe_that_trains_differently(reference, capsys):

@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from finetune.model.methods import method_of, run_method_name
 from finetune.recipe.checks import looks_local
 from finetune.recipe.schema import Recipe
 
@@ -35,16 +36,15 @@ def model_card(run_path: Path, *, library: Library) -> str:
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    from finetune.eval.generate import read_run_recipe
-    from finetune.report.runs import read_run
+    from finetune.run_folder import read_recipe, read_run
 
-    recipe = read_run_recipe(run_path)
+    recipe = read_recipe(run_path)
     run = read_run(run_path)
     recipe_text = run_path.joinpath("recipe.yaml").read_text(encoding="utf-8")
     body = [
         f"# {run.name}",
         "",
-        describe(recipe, run.method, library),
+        describe(recipe, run_method_name(run.recipe), library),
         "",
         "## Hyper-parameters",
         "",
@@ -88,20 +88,8 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def method_tags(recipe: Recipe) -> list[str]:
-    """Tags naming the method: lora (+ qlora, dora, rslora), prefix-tuning, prompt-tuning or full-fine-tuning."""
-    adapter = recipe.adapter
-    if adapter.kind == "none":
-        return ["full-fine-tuning"]
-    if adapter.kind != "lora":
-        return [f"{adapter.kind}-tuning"]
-    tags = ["lora"]
-    if recipe.quant is not None and recipe.quant.bits == 4:
-        tags.append("qlora")
-    if adapter.use_dora:
-        tags.append("dora")
-    if adapter.use_rslora:
-        tags.append("rslora")
-    return tags
+    """Tags naming the method, as its adapter kind's method gives them (e.g. lora + qlora, ia3, prefix-tuning)."""
+    return method_of(recipe.adapter).tags(recipe.adapter, recipe.quant.bits if recipe.quant else None)
 
 
 def hub_datasets(recipe: Recipe) -> list[str]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from finetune.artifacts.merge import install
 from finetune.errors import FinetuneError, InputError
+from finetune.model.methods import method_of
 from finetune.recipe.schema import ModelSpec, Recipe
+from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
@@ -58,13 +58,11 @@ def export_adapter(run_path: str | Path, out: str | Path | None = None, *, overw
     Raises:
         InputError: not a finished run folder, or `out` is not empty and `overwrite` is off.
     """
-    from finetune.eval.generate import read_run_recipe
-
     run = Path(run_path)
-    recipe = read_run_recipe(run)
+    recipe = read_recipe(run)
     whole_model = recipe.adapter.kind == "none"
     target = Path(out) if out is not None else run / "export" / ("model" if whole_model else "adapter")
-    check_target(target, run, overwrite=overwrite)
+    claim_folder(target, overwrite=overwrite, key="--out", protect=RunDir(run))
     files = write_folder(target, lambda folder: fill_export(run, recipe, folder))
     return Export(target, files, whole_model)
 
@@ -77,10 +75,9 @@ def fill_export(run: Path, recipe: Recipe, folder: Path) -> list[str]:
         FinetuneError: the artifact lacks a file that a loadable export needs.
     """
     from finetune.artifacts.card import write_card
-    from finetune.train.run_dir import RunDir
 
     whole_model = recipe.adapter.kind == "none"
-    artifact = RunDir(run).artifact(recipe.adapter.kind)
+    artifact = RunDir(run).path / method_of(recipe.adapter).artifact_folder
     if not artifact.is_dir():
         raise InputError(f"{run}: has no {artifact.name}/; did the run finish?")
     wanted = (MODEL_FILES if whole_model else ADAPTER_FILES) + TOKENIZER_FILES
@@ -117,34 +114,3 @@ def point_at_base(config_path: Path, model_spec: ModelSpec) -> None:
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch(name, pattern) for pattern in patterns)
-
-
-def check_target(target: Path, run: Path, *, overwrite: bool) -> None:
-    """Raises InputError unless `target` may be (re)written without touching the run's own files."""
-    resolved, run_resolved = target.resolve(), run.resolve()
-    protected = [run_resolved / name for name in ("adapter", "model", "checkpoints", "merged")]
-    if within(run_resolved, resolved) or any(within(resolved, folder) for folder in protected):
-        raise InputError(f"--out: {target} would overwrite the run folder's own files; choose another folder")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"--out: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"--out: {target} is not empty; pass --overwrite to replace it")
-
-
-def within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def write_folder(target: Path, fill: Callable[[Path], list[str]]) -> list[str]:
-    """Fill a temporary sibling of `target`, then swap it into place; on failure `target` is untouched."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        files = fill(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    install(partial, target)
-    return files

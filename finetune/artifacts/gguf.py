@@ -10,7 +10,6 @@ length is not a multiple of 32 stay f16). Tensors are written one at a time, so 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from finetune.artifacts.gguf_arch import ROPE_FREQS, gguf_name
 from finetune.artifacts.gguf_vocab import SENTENCEPIECE
 from finetune.errors import InputError
+from finetune.run_folder import RunDir, read_recipe, write_atomically
 
 Echo = Callable[[str], None]
 TYPES = ("f16", "q8_0")
@@ -63,11 +63,9 @@ def export_gguf(
             here (before any merge), `out` exists.
     """
     from finetune.artifacts.merge import check_mergeable, merge_run
-    from finetune.eval.generate import read_run_recipe
-    from finetune.train.run_dir import RunDir
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_recipe(run_dir.path)
     target = Path(out) if out is not None else run_dir.path / f"model-{quant_type}.gguf"
     if target.exists() and not overwrite:
         raise InputError(f"--out: {target} exists; pass --overwrite to replace it")
@@ -158,25 +156,23 @@ def write_gguf(
         sentencepiece = folder / SENTENCEPIECE
     kind = vocabulary_kind(folder, has_sentencepiece=sentencepiece is not None)
     plan = plan_tensors(list_shards(folder), quant_type, config)
-    partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(partial, family.arch)
     file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    try:
-        add_hyperparameters(writer, config, folder.name, file_types[quant_type])
-        add_vocabulary(writer, folder, kind, config, sentencepiece=sentencepiece)
-        for item in plan:
-            writer.add_tensor_info(item["name"], item["shape"], item["np_dtype"], item["nbytes"], item["raw_dtype"])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        write_tensors(writer, plan, config, family.permute_qk)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
-    shutil.move(partial, target)
+
+    def fill(partial: Path) -> None:
+        writer = gguf.GGUFWriter(partial, family.arch)
+        try:
+            add_hyperparameters(writer, config, folder.name, file_types[quant_type])
+            add_vocabulary(writer, folder, kind, config, sentencepiece=sentencepiece)
+            for item in plan:
+                writer.add_tensor_info(item["name"], item["shape"], item["np_dtype"], item["nbytes"], item["raw_dtype"])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            write_tensors(writer, plan, config, family.permute_qk)
+        finally:
+            writer.close()
+
+    write_atomically(target, fill)
     if note := sliding_window_note(config):
         echo(note)
     counts = {}

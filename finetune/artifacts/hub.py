@@ -64,12 +64,12 @@ def push(
         InputError: bad repo id, not a finished run, no merged/ folder, or no token.
         FinetuneError: the hub refused the upload, or base weights would be uploaded with an adapter.
     """
-    from finetune.eval.generate import read_run_recipe
+    from finetune.run_folder import read_recipe
 
     run = Path(run_path)
     if not REPO_ID.match(repo_id):
         raise InputError(f"--repo-id: {repo_id!r} is not a repo id (namespace/name)")
-    recipe = read_run_recipe(run)
+    recipe = read_recipe(run)
     token = None if dry_run else require_token()
     with tempfile.TemporaryDirectory(prefix="finetune-push-") as staging:
         upload = stage(run, recipe, Path(staging) / "upload", merged=merged)

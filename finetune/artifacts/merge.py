@@ -1,13 +1,14 @@
-"""`finetune merge RUN_DIR`: a LoRA run's adapter folded into its base weights, as a plain transformers folder.
+"""`finetune merge RUN_DIR`: a LoRA or (IA)^3 run's adapter folded into its base weights, as a plain transformers
+folder.
 
 Shard by shard: each safetensors file of the base is read on its own, every tensor it holds is merged
-with its LoRA update and written out before the next is read (see `artifacts/shards.py`), so peak memory
-is the adapter plus a tensor or two, under one base shard, where peft's `merge_and_unload` holds the whole
-model. The output keeps the base's sharding, with an index when there is more than one file, plus
-config.json (dtype set), generation_config.json and the run's tokenizer. Weights keep the base
-checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16 merge. It is written to
-`OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT: a merge that fails
-leaves nothing that looks usable.
+with its update (read by the adapter kind's method, `model/methods/`) and written out before the next is
+read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
+where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
+when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
+tokenizer. Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
+merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
+a merge that fails leaves nothing that looks usable.
 
 A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
 the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
+from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
@@ -49,7 +51,7 @@ def merge_run(
     verify: bool = True,
     echo: Echo = print,
 ) -> MergeResult:
-    """Merge a LoRA (or QLoRA) run's adapter into its base model and write the result to `out`.
+    """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
 
     Args:
         run_path: the run folder; its recipe.yaml names the base, its adapter/ holds the adapter.
@@ -60,71 +62,50 @@ def merge_run(
         verify: compare the merged model's logits with the adapter model's before keeping the result.
 
     Raises:
-        InputError: not a LoRA run, no adapter, `out` not empty, base weights not found.
+        InputError: a kind that cannot merge, no adapter, `out` not empty, base weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
-    from finetune.eval.generate import read_run_recipe
-    from finetune.train.run_dir import RunDir
-
     run_dir = RunDir(Path(run_path))
-    recipe = read_run_recipe(run_dir.path)
+    recipe = read_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
-    claim_output(target, overwrite)
+    claim_folder(target, overwrite=overwrite, key="--out")
+    base = base_folder(recipe)
+    dtype_name = dtype or checkpoint_dtype_name(base)
     if recipe.quant is not None:
         echo(
             f"note: this run trained on a {recipe.quant.bits}-bit quantized base; the adapter is merged into the "
             "16-bit base weights, so the merged model's outputs differ slightly from the quantized model it "
             "trained with"
         )
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        base = base_folder(recipe)
-        dtype_name = dtype or checkpoint_dtype_name(base)
-        shards, untied = write_merged(run_dir.adapter, base, partial, dtype_name, device, echo)
-        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
-        max_diff = tolerance = None
-        if verify:
-            from finetune.artifacts.verify import check_merged
 
-            max_diff, tolerance = check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
-        install(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    def fill(partial: Path) -> tuple[int, float | None, float | None]:
+        shards, untied = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
+        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
+        if not verify:
+            return shards, None, None
+        from finetune.artifacts.verify import check_merged
+
+        return shards, *check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
+
+    shards, max_diff, tolerance = write_folder(target, fill)
     echo(f"merged model ({dtype_name}, {shards} shard{'s' if shards > 1 else ''}) written to {target}")
     return MergeResult(target, dtype_name, shards, max_diff, tolerance)
 
 
-def check_mergeable(run_dir, recipe: Recipe) -> None:
-    """Only LoRA runs have low-rank updates to fold into the base.
+def check_mergeable(run_dir: RunDir, recipe: Recipe) -> None:
+    """Only kinds whose method can fold its update into the base weights merge (checked before any download).
 
     Raises:
-        InputError: a full fine-tuning, prefix or prompt tuning run, or a run with no adapter/.
+        InputError: a kind that cannot merge (full fine-tuning, prefix or prompt tuning), or no adapter/.
     """
-    kind = recipe.adapter.kind
-    if kind == "none":
-        raise InputError(
-            f"{run_dir.path}: a full fine-tuning run has nothing to merge; {run_dir.model} is already a whole "
-            "model that AutoModelForCausalLM.from_pretrained loads"
-        )
-    if kind in ("prefix", "prompt"):
-        raise InputError(
-            f"{run_dir.path}: {kind} tuning cannot be merged: it adds virtual tokens, not changes to base weights; "
-            f"`finetune export {run_dir.path} --format adapter` writes the adapter for use with peft"
-        )
+    from finetune.model.methods import method_of
+
+    method = method_of(recipe.adapter)
+    if method.read_merge is None:
+        raise InputError(method.merge_refusal.format(run=run_dir.path, artifact=run_dir.model))
     if not (run_dir.adapter / "adapter_config.json").is_file():
         raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
-
-
-def claim_output(target: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked to replace it (checked before any work)."""
-    if target.exists() and not target.is_dir():
-        raise InputError(f"--out: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"--out: {target} is not empty; pass --overwrite to replace it")
 
 
 def checkpoint_dtype_name(base: Path) -> str:
@@ -148,9 +129,9 @@ def base_folder(recipe: Recipe) -> Path:
 
 
 def write_merged(
-    adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
+    recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
 ) -> tuple[int, bool]:
-    """Stream every base shard through the adapter into `out`.
+    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`.
 
     Returns:
         (shards written, whether a tied output head was written as a tensor of its own).
@@ -160,7 +141,6 @@ def write_merged(
     """
     import torch
 
-    from finetune.artifacts.lora import read_adapter
     from finetune.artifacts.shards import (
         ShardReader,
         ShardWriter,
@@ -169,8 +149,9 @@ def write_merged(
         shard_names,
         write_index,
     )
+    from finetune.model.methods import method_of
 
-    adapter = read_adapter(adapter_dir, device=device)
+    adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
     shards = list_shards(base)
     embedding = untied_head_source(adapter, shards)
     present = {name for shard in shards for name in shard.names} | ({HEAD} if embedding else set())
@@ -262,15 +243,3 @@ def _embedding_rows(shards) -> int | None:
             if name.endswith("embed_tokens.weight"):
                 return info["shape"][0]
     return None
-
-
-def install(partial: Path, target: Path) -> None:
-    """Put the finished folder in place; a previous `target` (with --overwrite) is removed only now."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old)
-    else:
-        partial.rename(target)

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
-from finetune.data import alpaca, cache, goat, lima
+from finetune.data import cache
 from finetune.data.conversation import Conversation, RowError
+from finetune.data.formats import FORMATS, goat, uses_chat_template
 from finetune.data.sources import Rows, read_rows
 from finetune.data.templates import end_of_turn_token, resolve_chat_template, template_warnings
 from finetune.data.tokenize import Dropped, Sample, tokenize_conversations
@@ -24,11 +25,6 @@ from finetune.errors import DataError, InputError, Problem
 from finetune.recipe.schema import DataSpec, SourceSpec
 
 Adapter = Callable[..., Conversation]
-DATASET_ADAPTERS: dict[str, Adapter] = {
-    "alpaca": alpaca.to_conversation,
-    "goat": goat.to_conversation,
-    "lima": lima.to_conversation,
-}
 MAX_PROBLEMS = 20
 
 
@@ -49,6 +45,8 @@ class DataReport:
     cache: str = "off"  # hit, miss (built and stored) or off (data.cache: false)
     dropped_rows: list[dict] = field(default_factory=list)
     fingerprint: str = ""
+    # the rows of the eval samples, in order: what `finetune eval` scores, so it never re-derives the split
+    held_out_rows: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,7 +54,7 @@ class BuiltData:
     train: list[Sample]
     eval: list[Sample]
     report: DataReport
-    chat_template: str | None = None  # the template lima rows were rendered with; saved with the tokenizer
+    chat_template: str | None = None  # the template chat-format rows were rendered with; saved with the tokenizer
 
 
 def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
@@ -74,7 +72,7 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     sources = sources_of(spec)
     warnings = check_tokenizer(spec, sources, tokenizer)
     template = None
-    if any(source.format == "lima" for source in sources):
+    if uses_chat_template(source.format for source in sources):
         template_name, template = resolve_chat_template(spec.chat_template, tokenizer)
         warnings += template_warnings(template_name, tokenizer)
     rows = [load_rows(source) for source in sources]
@@ -83,7 +81,8 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> BuiltData:
     key = cache.cache_key(spec, digests, tokenizer, template, seed)
     cached = cache.load(key) if spec.cache else None
     if cached is not None:
-        report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings})
+        held_out = [sample.row for sample in cached["eval"]]
+        report = DataReport(**cached["report"] | {"cache": "hit", "warnings": warnings, "held_out_rows": held_out})
         return BuiltData(cached["train"], cached["eval"], report, template)
     built = tokenize_sources(spec, sources, rows, eval_rows, tokenizer, template, seed)
     built.report.warnings = warnings
@@ -154,6 +153,7 @@ def tokenize_sources(spec, sources, rows: list[Rows], eval_rows: Rows | None, to
             for d in skipped + train_dropped + eval_dropped + train_short + eval_short
         ],
         fingerprint=fingerprint(train, eval_),
+        held_out_rows=[sample.row for sample in eval_],
     )
     return BuiltData(train, eval_, report, template)
 
@@ -186,9 +186,9 @@ def check_tokenizer(spec: DataSpec, sources: list[SourceSpec], tokenizer) -> lis
 
 
 def make_adapter(format: str, spec: DataSpec, tokenizer, template: str | None) -> Adapter:
-    """`adapter(row, ref) -> Conversation` for a format, with the data section's settings bound."""
-    adapter = partial(DATASET_ADAPTERS[format], train_on_prompt=spec.train_on_prompt)
-    if format != "lima":
+    """`adapter(row, ref) -> Conversation` for a format (`data/formats/`), with the data section's settings bound."""
+    adapter = partial(FORMATS[format].to_conversation, train_on_prompt=spec.train_on_prompt)
+    if not FORMATS[format].uses_chat_template:
         return adapter
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from finetune import __version__
 from finetune.data.tokenize import Sample
 from finetune.recipe.schema import DataSpec
+from finetune.run_folder import write_atomically
 
 SAMPLE_FIELDS = fields(Sample)
 
@@ -72,11 +73,9 @@ def store(key: str, payload: dict) -> None:
     """Write atomically; a cache that cannot be written is skipped, never an error."""
     folder = cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f"{key}.json.{os.getpid()}.partial"  # processes of one launch write alike
         samples = {split: [as_json(s) for s in payload[split]] for split in ("train", "eval")}
-        body = {**payload, **samples}
-        partial.write_text(json.dumps(body), encoding="utf-8")
-        partial.replace(folder / f"{key}.json")
+        text = json.dumps({**payload, **samples})
+        write_atomically(folder / f"{key}.json", lambda path: path.write_text(text, encoding="utf-8"), partial=partial)
     except OSError:
         pass

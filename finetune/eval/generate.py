@@ -7,25 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import InputError
-from finetune.recipe.load import load_recipe
+from finetune.model.methods import method_of
 from finetune.recipe.schema import Recipe
-
-
-def read_run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run folder was trained with.
-
-    The files it names are not required to exist any more: the run is a record, and its relative paths
-    were relative to the directory it was trained from.
-
-    Raises:
-        InputError: the folder is not a run folder, or one written by an incompatible version.
-    """
-    from finetune.train.run_dir import RunDir, check_run_format
-
-    if not (run_dir / "recipe.yaml").is_file():
-        raise InputError(f"{run_dir}: not a run folder (no recipe.yaml)")
-    check_run_format(RunDir(run_dir))
-    return load_recipe(run_dir / "recipe.yaml", check_files=False)
+from finetune.run_folder import RunDir, read_recipe
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
@@ -35,9 +19,7 @@ def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
     Raises:
         InputError: the run has no trained artifact.
     """
-    from finetune.train.run_dir import RunDir
-
-    artifact = RunDir(run_dir).artifact(recipe.adapter.kind)
+    artifact = RunDir(run_dir).path / method_of(recipe.adapter).artifact_folder
     if not artifact.is_dir():
         raise InputError(f"{run_dir}: has no {artifact.name}/; did the run finish?")
     return load_folder(artifact, recipe, device=device)
@@ -231,7 +213,7 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
 
     sampling.check()
     target = Path(target)
-    recipe = read_run_recipe(target) if (target / "recipe.yaml").is_file() else None
+    recipe = read_recipe(target) if (target / "recipe.yaml").is_file() else None
     model, tokenizer = load_target(target, recipe, device=pick_device(recipe.train.use_cpu if recipe else False))
     chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from finetune.data import goat
-from finetune.data.build import load_rows, sources_of, split_holdout
+from finetune.data.build import load_rows, sources_of
+from finetune.data.formats import goat
 from finetune.data.sources import read_rows
-from finetune.recipe.schema import DataSpec, GoatSpec
+from finetune.errors import InputError
+from finetune.recipe.schema import DataSpec, GoatSpec, SourceSpec
 
 
 @dataclass
@@ -48,27 +51,52 @@ class GoatEval:
         }
 
 
-def held_out_rows(spec: DataSpec, seed: int, n: int) -> tuple[list[dict], str]:
-    """The rows to score: the run's own eval split when it had one, else `n` fresh problems it never saw.
+def held_out_rows(spec: DataSpec, n: int, data_report: Path) -> tuple[list[dict], str]:
+    """The rows to score: the run's own eval split as its data.json records it, else (a run with no eval
+    split) `n` fresh problems it never saw.
+
+    The split is read, not re-derived: rows the run skipped (data.on_bad_row: skip) or dropped would shift a
+    split recomputed from the raw rows, and exact match could then score problems the run trained on.
 
     Returns:
         The rows and a description of where they come from.
+
+    Raises:
+        InputError: the run had an eval split but its data.json does not record it, or it holds no Goat row.
     """
+    sources = [source for source in sources_of(spec) if source.format == "goat"]
+    if spec.eval_path is None and spec.eval_fraction == 0:
+        return fresh_problems(sources, n)
+    held_out = recorded_held_out(data_report)
+    candidates = [read_rows(spec.eval_path, spec.split)] if spec.eval_path is not None else map(load_rows, sources)
+    by_ref = {ref: row for rows in candidates for ref, row in zip(rows.refs, rows.rows, strict=True)}
+    rows = [by_ref[ref] for ref in held_out if ref in by_ref][:n]  # rows of other formats' sources are not scored
+    if not rows:
+        raise InputError(f"{data_report}: the run's eval split holds no Goat row to score")
+    # the split as data.json records it, named as the recipe asked for it
     if spec.eval_path is not None:
-        return read_rows(spec.eval_path, spec.split).rows[:n], f"data.eval_path {spec.eval_path}"
-    # the Goat sources, each split with seed + its index as training split them
-    sources = [(index, source) for index, source in enumerate(sources_of(spec)) if source.format == "goat"]
-    per_source = [(index, source, load_rows(source).rows) for index, source in sources]
-    if spec.eval_fraction > 0:
-        held_out = [
-            row
-            for index, _, rows in per_source
-            for row in split_holdout(rows, spec.eval_fraction, seed + index, group_of=goat.problem_of)[1]
-        ]
-        return held_out[:n], f"the run's held-out {spec.eval_fraction:.0%}"
-    rows = [row for _, _, source_rows in per_source for row in source_rows]
+        return rows, f"data.eval_path {spec.eval_path}"
+    return rows, f"the run's held-out {spec.eval_fraction:.0%}"
+
+
+def recorded_held_out(data_report: Path) -> list[str]:
+    """The eval samples' rows that the run wrote into data.json."""
+    try:
+        report = json.loads(data_report.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{data_report}: cannot read the run's data report ({e})") from None
+    if "held_out_rows" not in report:
+        raise InputError(
+            f"{data_report}: records no held-out rows (written by an older finetune); run it again to score it"
+        )
+    return report["held_out_rows"]
+
+
+def fresh_problems(sources: list[SourceSpec], n: int) -> tuple[list[dict], str]:
+    """`n` generated problems that none of the Goat sources' rows holds."""
+    rows = [row for source in sources for row in load_rows(source).rows]
     seen = {goat.problem_of(row) for row in rows}
-    generators = [source.goat for _, source, _ in per_source if source.goat is not None]
+    generators = [source.goat for source in sources if source.goat is not None]
     generator = (
         generators[0] if generators else GoatSpec(n=n, ops=sorted({goat.operation_of(r["input"])[0] for r in rows}))
     )

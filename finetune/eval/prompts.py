@@ -1,12 +1,12 @@
 """Prompts for `finetune generate`: read from the command line or a file, formatted as in training.
 
 A run is prompted with the template it trained on, through the same functions the data pipeline
-uses, so the prompt's token ids are exactly the masked prefix of a training sample:
+uses (each data format's `format_prompt` in `data/formats/`), so the prompt's token ids are exactly the
+masked prefix of a training sample:
 
-- alpaca: BOS + Stanford Alpaca's template (`finetune.data.alpaca.format_prompt`);
-- goat: BOS + `{instruction}\\nAnswer:` (`finetune.data.goat.format_prompt`);
-- chat: the chat template saved with the tokenizer (what a lima run trained with; lima's own when the
-  tokenizer has none), rendered with the generation prompt;
+- a format with its own template (alpaca, goat): BOS + that template;
+- chat: the chat template saved with the tokenizer (what a chat-format run, lima or sharegpt, trained
+  with; lima's own when the tokenizer has none), rendered with the generation prompt;
 - raw: BOS + the text as it is.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.data.formats import CHAT, FORMATS, prompt_format
 from finetune.errors import InputError
 
-PROMPT_FORMATS = ("alpaca", "goat", "chat", "raw")
-# recipe data.format -> prompt format
-TRAINED_FORMATS = {"alpaca": "alpaca", "goat": "goat", "lima": "chat"}
+RAW = "raw"
+PROMPT_FORMATS = (*(name for name, entry in FORMATS.items() if entry.format_prompt is not None), CHAT, RAW)
 
 
 def read_prompts(prompt: str | None, file: str | Path | None) -> list[dict]:
@@ -73,8 +73,8 @@ def choose_format(requested: str | None, trained_formats: list[str] | None, toke
     if requested is not None:
         return requested
     if trained_formats is None:
-        return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
-    formats = sorted({TRAINED_FORMATS[name] for name in trained_formats})
+        return CHAT if getattr(tokenizer, "chat_template", None) else RAW
+    formats = sorted({prompt_format(name) for name in trained_formats})
     if len(formats) > 1:
         raise InputError(f"the run trained on several data formats ({', '.join(formats)}); choose one with --format")
     return formats[0]
@@ -82,22 +82,19 @@ def choose_format(requested: str | None, trained_formats: list[str] | None, toke
 
 def prompt_ids(tokenizer, prompt_format: str, row: dict) -> list[int]:
     """The token ids the model is prompted with, exactly as training tokenized a prompt (see the module doc)."""
-    from finetune.data import alpaca, goat
     from finetune.data.templates import resolve_chat_template
 
     instruction, input = row["instruction"], row.get("input", "")
-    if prompt_format == "chat":
+    if prompt_format == CHAT:
         content = f"{instruction}\n\n{input}" if input else instruction
         _, template = resolve_chat_template(None, tokenizer)
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], chat_template=template, tokenize=False, add_generation_prompt=True
         )
         return tokenizer(text, add_special_tokens=False).input_ids  # the template writes its own BOS
-    if prompt_format == "alpaca":
-        text = alpaca.format_prompt(instruction, input)
-    elif prompt_format == "goat":
-        text = goat.format_prompt(instruction)
-    else:
+    if prompt_format == RAW:
         text = f"{instruction}\n{input}" if input else instruction
+    else:
+        text = FORMATS[prompt_format].format_prompt(instruction, input)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(text, add_special_tokens=False).input_ids

@@ -7,7 +7,7 @@ the tokenizer's own pad; a reserved token the model ships for it (Llama-3.1's
 `<|finetune_right_pad_id|>`, Llama-3's `<|reserved_special_token_N|>`, Qwen's `<|endoftext|>`); `<unk>`
 (what alpaca-lora does); else EOS. EOS is safe too: labels come from each sample's completion mask
 and padded positions get label -100 by position, never by id, so the EOS a sample ends with is still
-trained (tests/test_model_pad.py proves it).
+trained (tests/test_model_load.py proves it).
 """
 
 from __future__ import annotations

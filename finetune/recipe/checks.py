@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.recipe.paths import LOCAL_DATA_SUFFIXES, looks_local
-from finetune.recipe.schema import VIRTUAL_TOKEN_ADAPTERS, Recipe
+from finetune.recipe.schema import Recipe
 
 __all__ = ["KeyProblem", "check_paths", "cross_check", "looks_local"]
 
@@ -83,37 +83,10 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 "remove it (eval loss is logged with data.eval_fraction or data.eval_path)",
             )
         )
-    adapter, quant = recipe.adapter, recipe.quant
-    if adapter.kind == "lora" and adapter.use_dora and quant is not None and quant.bits == 8:
-        problems.append(
-            KeyProblem(("adapter", "use_dora"), "DoRA is not supported on an 8-bit base by peft", "use quant.bits: 4")
-        )
-    if adapter.kind == "none" and quant is not None:
-        problems.append(
-            KeyProblem(
-                ("quant", "bits"),
-                "adapter.kind: none (full fine-tuning) cannot train quantized weights",
-                "remove the quant section, or train an adapter (adapter.kind: lora is QLoRA)",
-            )
-        )
-    if adapter.kind in VIRTUAL_TOKEN_ADAPTERS and recipe.data.packing not in (None, "none"):
-        problems.append(
-            KeyProblem(
-                ("data", "packing"),
-                f"adapter.kind: {adapter.kind} cannot train packed rows: its virtual tokens are prepended once "
-                "per row, so every sample after the first would train without them",
-                "set data.packing: none (or leave it out; it is then none for prefix and prompt tuning)",
-            )
-        )
-    if adapter.kind == "prefix" and train.gradient_checkpointing:
-        problems.append(
-            KeyProblem(
-                ("train", "gradient_checkpointing"),
-                "adapter.kind: prefix cannot train with gradient checkpointing: checkpointed decoder layers drop "
-                "the prefix key/values",
-                "set train.gradient_checkpointing: false (or leave it out; it is then off for prefix-tuning)",
-            )
-        )
+    # what an adapter kind cannot train with is part of its meaning, held by its method (light: no peft import)
+    from finetune.model.methods import method_of
+
+    problems += method_of(recipe.adapter).check(recipe)
     return problems
 
 

@@ -7,7 +7,6 @@ every node), `command line` for overrides.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,15 +328,3 @@ def _suggest_key(section: type[BaseModel] | None, key: str) -> str:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe (every default filled in) as YAML, in schema order."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def load_run_folder_recipe(run_dir: str | Path, overrides: list[str] = ()) -> Recipe:
-    """The resolved recipe stored in a run folder, with `output.dir` set to where the folder is now.
-
-    Raises:
-        RecipeError: the folder has no recipe.yaml, or the recipe (with the overrides) is not valid.
-    """
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise RecipeError([Problem(str(run_dir), "", "not a run folder (no recipe.yaml)")])
-    return load_recipe(path, [*overrides, f"output.dir={json.dumps(str(run_dir))}"])

@@ -7,7 +7,7 @@ Schema). Unknown keys are errors at every level. Checks that involve more than o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -59,7 +59,17 @@ class QuantSpec(Section):
     )
 
 
-class LoraSpec(Section):
+class AdapterSection(Section):
+    """What the recipe's other defaults need to know of an adapter kind (its meaning is in model/methods/)."""
+
+    # Virtual tokens are prepended once per row, so packing several samples into a row would leave all
+    # but the first without them: such kinds train padded rows by default.
+    prepends_virtual_tokens: ClassVar[bool] = False
+    # Checkpointed decoder layers drop a prefix's key/values: such kinds train without it by default.
+    allows_checkpointing: ClassVar[bool] = True
+
+
+class LoraSpec(AdapterSection):
     """A LoRA adapter (peft). With `quant` set this is QLoRA."""
 
     kind: Literal["lora"] = Field("lora", description="Adaptation method.")
@@ -83,8 +93,11 @@ class LoraSpec(Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank.")
 
 
-class PrefixSpec(Section):
+class PrefixSpec(AdapterSection):
     """Prefix-tuning (peft): trained key/value vectors prepended at every layer; the base stays frozen."""
+
+    prepends_virtual_tokens: ClassVar[bool] = True
+    allows_checkpointing: ClassVar[bool] = False
 
     kind: Literal["prefix"]
     num_virtual_tokens: int = Field(30, gt=0, description="Prefix length in positions, at every layer.")
@@ -97,8 +110,10 @@ class PrefixSpec(Section):
     )
 
 
-class PromptSpec(Section):
+class PromptSpec(AdapterSection):
     """Prompt tuning (peft): trained embeddings prepended to the input; the base stays frozen."""
+
+    prepends_virtual_tokens: ClassVar[bool] = True
 
     kind: Literal["prompt"]
     num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length in tokens.")
@@ -109,23 +124,36 @@ class PromptSpec(Section):
     )
 
 
-class FullSpec(Section):
+class IA3Spec(AdapterSection):
+    """(IA)^3 (peft): trained vectors that rescale the outputs of attention projections and the inputs of
+    feed-forward projections; the base stays frozen, and `finetune merge` folds the vectors into it."""
+
+    kind: Literal["ia3"]
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        min_length=1,
+        description="Linear modules to rescale; the default is peft's for LLaMA (keys, values, the MLP's output).",
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Those of target_modules whose input (not output) is rescaled, as the (IA)^3 paper does for "
+        "the feed-forward layer; must be a subset of target_modules.",
+    )
+
+
+class FullSpec(AdapterSection):
     """Full fine-tuning: every weight of the model trains; the run folder holds a whole model."""
 
     kind: Literal["none"]
 
 
-ADAPTER_SPECS: dict[str, type[Section]] = {
+ADAPTER_SPECS: dict[str, type[AdapterSection]] = {
     "lora": LoraSpec,
     "prefix": PrefixSpec,
     "prompt": PromptSpec,
+    "ia3": IA3Spec,
     "none": FullSpec,
 }
-
-
-# Their virtual tokens are prepended once per row, so packing several samples into a row would leave all
-# but the first without them.
-VIRTUAL_TOKEN_ADAPTERS = ("prefix", "prompt")
 
 
 def _adapter_kind(value) -> str | None:
@@ -138,6 +166,7 @@ AdapterSpec = Annotated[
     Annotated[LoraSpec, Tag("lora")]
     | Annotated[PrefixSpec, Tag("prefix")]
     | Annotated[PromptSpec, Tag("prompt")]
+    | Annotated[IA3Spec, Tag("ia3")]
     | Annotated[FullSpec, Tag("none")],
     Discriminator(_adapter_kind),
 ]
@@ -159,7 +188,7 @@ class GoatSpec(Section):
     div_divisor_digits: int = Field(5, gt=0, description="Longest divisor of divisions.")
 
 
-Format = Literal["alpaca", "goat", "lima"]
+Format = Literal["alpaca", "goat", "lima", "sharegpt"]
 
 
 class SourceSpec(Section):
@@ -185,15 +214,17 @@ class DataSpec(Section):
         "alpaca",
         description="Dataset adapter that turns a row into prompt and response. alpaca: instruction/input/output "
         "in Stanford Alpaca's template. goat: Goat arithmetic rows, `{instruction}\\nAnswer: {output}`. lima: "
-        "conversations (LIMA's `conversations` list or `messages`) through a chat template.",
+        "conversations (LIMA's `conversations` list or `messages`) through a chat template. sharegpt: "
+        "`conversations` of {from: human|gpt|system, value} turns through a chat template.",
     )
     chat_template: str | None = Field(
         None,
-        description="lima only: the tokenizer's own template when null (lima when it has none), a name "
-        "(lima, chatml), or a Jinja string. Saved with the trained tokenizer.",
+        description="chat formats (lima, sharegpt) only: the tokenizer's own template when null (lima when it has "
+        "none), a name (lima, chatml), or a Jinja string. Saved with the trained tokenizer.",
     )
     train_on: Literal["all_assistant_turns", "last_turn"] = Field(
-        "all_assistant_turns", description="lima only: which assistant turns are trained; user turns never are."
+        "all_assistant_turns",
+        description="chat formats (lima, sharegpt) only: which assistant turns are trained; user turns never are.",
     )
     path: str | None = Field(
         None,
@@ -208,7 +239,7 @@ class DataSpec(Section):
         None,
         min_length=1,
         description="Several data sets in one run, each with its own format and path (or goat); replaces "
-        "data.format, data.path and data.goat. One chat template serves every lima source.",
+        "data.format, data.path and data.goat. One chat template serves every chat-format source.",
     )
     eval_path: str | None = Field(None, description="Held-out rows in the same format; excludes eval_fraction.")
     eval_fraction: float = Field(
@@ -375,11 +406,11 @@ class Recipe(Section):
         """train.gradient_checkpointing, with null resolved: on, except for prefix-tuning."""
         if self.train.gradient_checkpointing is not None:
             return self.train.gradient_checkpointing
-        return self.adapter.kind != "prefix"
+        return self.adapter.allows_checkpointing
 
     @property
     def packing(self) -> str:
         """data.packing, with null resolved: padding_free, except for prefix and prompt tuning."""
         if self.data.packing is not None:
             return self.data.packing
-        return "none" if self.adapter.kind in VIRTUAL_TOKEN_ADAPTERS else "padding_free"
+        return "none" if self.adapter.prepends_virtual_tokens else "padding_free"

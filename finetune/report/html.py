@@ -7,8 +7,9 @@ import json
 from html import escape
 from pathlib import Path
 
+from finetune.model.methods import run_method_name
 from finetune.report import plots
-from finetune.report.runs import RunRecord, read_run
+from finetune.run_folder import RunRecord, read_run, write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 62rem; color: #222; }
@@ -38,7 +39,7 @@ def build_report(run_path: str | Path) -> Path:
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>{escape(run.name)}: finetune report</title><style>{STYLE}</style></head><body>",
             f"<h1>{escape(run.name)}</h1>",
-            f'<p class="muted">{escape(run.method)} on {escape(run.base)} · status '
+            f'<p class="muted">{escape(run_method_name(run.recipe))} on {escape(run.base)} · status '
             f'<span class="status-{escape(run.status)}">{escape(run.status)}</span></p>',
             _error(run),
             "<h2>Summary</h2>",
@@ -61,9 +62,7 @@ def build_report(run_path: str | Path) -> Path:
         ]
     )
     target = run.path / "report.html"
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(target)
+    write_text(target, page)
     return target
 
 

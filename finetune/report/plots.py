@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from finetune.data.goat import SYMBOL  # noqa: E402
+from finetune.data.formats.goat import SYMBOL  # noqa: E402
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -1,79 +1,17 @@
 """Run folders as rows: `finetune runs` lists them, `finetune compare` sets them side by side.
 
-The recipe is read as plain YAML, not validated: a listing must not fail on an old run whose data or
-base model has since moved.
+Each run is read by `finetune.run_folder.read_run`, its recipe as plain YAML, not validated: a listing
+must not fail on an old run whose data or base model has since moved.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from finetune.errors import InputError
-from finetune.train.run_dir import RunDir, read_metrics
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    path: Path
-    recipe: dict
-    summary: dict
-    metrics: list[dict]
-    exact_match: float | None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def status(self) -> str:
-        """finished / failed / interrupted from summary.json; a folder without one stopped before writing it."""
-        return self.summary.get("status", "interrupted")
-
-    @property
-    def method(self) -> str:
-        adapter = self.recipe.get("adapter") or {}
-        kind = adapter.get("kind", "lora")
-        quant = self.recipe.get("quant") or {}
-        if kind == "none":
-            return "full"
-        if kind == "lora":
-            name = "dora" if adapter.get("use_dora") else "rslora" if adapter.get("use_rslora") else "lora"
-            return {4: f"q{name} (4-bit)", 8: f"{name} (8-bit base)"}.get(quant.get("bits"), name)
-        return f"{kind}-tuning"
-
-    @property
-    def base(self) -> str:
-        return str((self.recipe.get("model") or {}).get("name_or_path", "?"))
-
-    @property
-    def steps(self) -> int | None:
-        if "steps" in self.summary:
-            return self.summary["steps"]
-        return max((r["step"] for r in self.metrics), default=None)
-
-    def last(self, key: str) -> float | None:
-        return next((r[key] for r in reversed(self.metrics) if key in r), None)
-
-
-def read_run(path: str | Path) -> RunRecord:
-    """Raises InputError when `path` is not a run folder."""
-    run = RunDir(Path(path))
-    if not run.recipe.is_file():
-        raise InputError(f"{run.path}: not a run folder (no recipe.yaml)")
-    exact_match = None
-    if run.eval.is_file():
-        exact_match = json.loads(run.eval.read_text(encoding="utf-8")).get("accuracy")
-    return RunRecord(
-        path=run.path,
-        recipe=yaml.safe_load(run.recipe.read_text(encoding="utf-8")) or {},
-        summary=json.loads(run.summary.read_text(encoding="utf-8")) if run.summary.is_file() else {},
-        metrics=read_metrics(run.metrics),
-        exact_match=exact_match,
-    )
+from finetune.model.methods import run_method_name
+from finetune.run_folder import RunRecord, read_run
 
 
 def find_runs(directory: str | Path) -> list[RunRecord]:
@@ -92,7 +30,7 @@ def format_runs(runs: list[RunRecord]) -> str:
     rows = [header] + [
         (
             run.name,
-            run.method,
+            run_method_name(run.recipe),
             run.base,
             _text(run.steps),
             _number(run.last("loss")),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from finetune.run_folder import write_json
 from finetune.train.checkpoints import COMPLETE_MARKER
 
 # Test hook: `FINETUNE_TEST_HANG_AT_SAVE=N` sleeps for a minute after checkpoint-N is written and before
@@ -30,9 +30,7 @@ class CompleteCheckpointCallback(TrainerCallback):
         folder = self.checkpoints / f"checkpoint-{state.global_step}"
         if os.environ.get(HANG_AT_SAVE_ENV) == str(state.global_step):
             time.sleep(60)
-        partial = folder / (COMPLETE_MARKER + ".partial")
-        partial.write_text(json.dumps({"step": state.global_step, "time": round(time.time(), 3)}) + "\n")
-        partial.replace(folder / COMPLETE_MARKER)
+        write_json(folder / COMPLETE_MARKER, {"step": state.global_step, "time": round(time.time(), 3)})
 
 
 class StopOnSignalCallback(TrainerCallback):

@@ -18,7 +18,7 @@ import yaml
 from finetune.errors import FinetuneError, InputError
 from finetune.recipe.checks import check_fsdp
 from finetune.recipe.schema import Recipe
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 
 
 def world_size() -> int:
@@ -51,6 +51,24 @@ def fsdp_problems(recipe: Recipe, precision: str) -> list[str]:
     return [
         f"{'.'.join(p.path)}: {p.message}" + (f"; {p.hint}" if p.hint else "") for p in check_fsdp(recipe, precision)
     ]
+
+
+def check_fsdp_launch(recipe: Recipe, precision: str, device: str) -> None:
+    """In a process accelerate launched with an FSDP config: refuse what it would not shard.
+
+    Raises:
+        InputError: no GPU (accelerate would train unsharded), or recipe keys FSDP cannot shard.
+    """
+    if not fsdp_requested():
+        return
+    if device != "cuda":
+        raise InputError(
+            "accelerate was asked for FSDP, which needs CUDA GPUs, and this process trains on CPU; accelerate "
+            "would train unsharded without saying so. On CPU use accelerate_configs/cpu_ddp.yaml"
+        )
+    problems = fsdp_problems(recipe, precision)
+    if problems:
+        raise InputError("\n".join(f"FSDP: {line}" for line in problems))
 
 
 def check_launch(recipe: Recipe, config: dict, config_path: str) -> None:

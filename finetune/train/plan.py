@@ -6,8 +6,9 @@ Pure arithmetic (no torch): `finetune plan` answers instantly. The parts, per GP
   quantization stores those as 8 bits plus a float32 per 256 of them) or 8-bit (1 byte/param plus a
   float32 scale per output row). Embeddings, norms and lm_head are never quantized, and peft's
   `prepare_model_for_kbit_training` turns them to float32.
-- adapter weights: LoRA r x (in + out) per target module and layer (float32: peft upcasts 16-bit
-  adapters); prompt/prefix tokens; nothing for full fine-tuning.
+- adapter weights: what the adapter kind's method counts (`model/methods/`): LoRA r x (in + out) per
+  target module and layer (float32: peft upcasts 16-bit adapters); prompt/prefix tokens; one (IA)^3 vector
+  per target and layer; every weight for full fine-tuning.
 - gradients: one per trainable parameter, in its dtype.
 - optimizer state: AdamW two moments in the parameter's dtype; 8-bit AdamW 2 bytes/param (tensors of
   4096+ values; smaller ones keep 32-bit moments); paged variants the same bytes, but they can move to
@@ -28,10 +29,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from finetune.model.shape import ModelShape
+from finetune.model.methods import method_of
+from finetune.model.methods.lora import lora_targets
 from finetune.recipe.checks import parse_memory_size as parse_size
-from finetune.recipe.schema import FullSpec, LoraSpec, PrefixSpec, PromptSpec, Recipe
+from finetune.recipe.schema import FullSpec, LoraSpec, PromptSpec, Recipe
+
+if TYPE_CHECKING:  # shapes come from model/shape.py through the callers: the planner reads no model
+    from finetune.model.shape import ModelShape
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
@@ -123,13 +129,6 @@ def quantized_linear_bytes(in_features: int, out_features: int, bits: int, doubl
     return n // 2 + blocks + 4 * nested + code + 256 * 4 + 4  # 8-bit absmax, its absmax, code, offset
 
 
-def lora_targets(spec: LoraSpec, shape: ModelShape) -> dict[str, tuple[int, int]]:
-    linears = shape.linear_shapes()
-    if spec.target_modules == "all-linear":
-        return linears
-    return {name: dims for name, dims in linears.items() if name in spec.target_modules}
-
-
 def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
     plain_bytes = 4 if setup.kbit_prepared else setup.weight_bytes
     head = 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
@@ -145,29 +144,8 @@ def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def trainable_tensors(recipe: Recipe, shape: ModelShape, setup: Setup) -> list[tuple[int, int]]:
-    """(values, bytes per value) of every trainable tensor."""
-    adapter, h, layers = recipe.adapter, shape.hidden_size, shape.num_layers
-    if isinstance(adapter, FullSpec):
-        tensors = [i * o for i, o in shape.linear_shapes().values()] * layers
-        tensors += [h] * (2 * layers + 1) + [shape.vocab_size * h] * (1 if shape.tied_embeddings else 2)
-        if shape.layer_bias_count():
-            tensors += [shape.layer_bias_count()] * layers
-        return [(n, setup.weight_bytes) for n in tensors]
-    if isinstance(adapter, PromptSpec):
-        return [(adapter.num_virtual_tokens * h, 4)]
-    if isinstance(adapter, PrefixSpec):
-        width = 2 * layers * shape.kv_dim
-        if not adapter.prefix_projection:
-            return [(adapter.num_virtual_tokens * width, 4)]
-        hidden = adapter.encoder_hidden_size or h
-        return [(n, 4) for n in (adapter.num_virtual_tokens * h, h * hidden, hidden, hidden * width, width)]
-    tensors = []
-    for in_features, out_features in lora_targets(adapter, shape).values():
-        tensors += [adapter.r * in_features, adapter.r * out_features] + ([out_features] if adapter.use_dora else [])
-    tensors *= layers
-    saved_bytes = 4 if setup.kbit_prepared else setup.weight_bytes
-    tensors_to_save = [shape.vocab_size * h for name in adapter.modules_to_save if name in ("embed_tokens", "lm_head")]
-    return [(n, 4) for n in tensors] + [(n, saved_bytes) for n in tensors_to_save]
+    """(values, bytes per value) of every trainable tensor, as the adapter kind's method counts them."""
+    return method_of(recipe.adapter).trainable_tensors(recipe.adapter, shape, setup)
 
 
 def optimizer_bytes(optimizer: str, tensors: list[tuple[int, int]]) -> int:
@@ -302,7 +280,7 @@ def _weights_note(setup: Setup, shard: int) -> str:
 def suggest_changes(recipe: Recipe, plan: MemoryPlan) -> list[str]:
     """What would bring the plan under its GPU memory, cheapest change first."""
     hints = []
-    if not recipe.gradient_checkpointing and not isinstance(recipe.adapter, PrefixSpec):
+    if not recipe.gradient_checkpointing and recipe.adapter.allows_checkpointing:
         hints.append("train.gradient_checkpointing=true (activations drop to one layer's worth)")
     if plan.micro_batch_size > 1:
         hints.append(f"a smaller train.micro_batch_size (now {plan.micro_batch_size}) with a larger train.grad_accum")
@@ -340,23 +318,22 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
 
 
 def plan_report(
-    recipe: Recipe, recipe_path: str, *, gpu_memory: str | None, world_size: int, model_params: str | None
+    recipe: Recipe, recipe_path: str, shape: ModelShape, model: str, *, gpu_memory: str | None, world_size: int
 ) -> str:
     """`finetune plan`: the printed plan of a recipe.
 
     Args:
         recipe: the validated recipe.
         recipe_path: shown in the title.
+        shape: the sizes of the model planned for (the recipe's, or a LLaMA-1 size).
+        model: how the title names that model.
         gpu_memory: the --gpu-memory text (e.g. 24GiB); None: train.gpu_memory, if set.
         world_size: GPUs the model is sharded over.
-        model_params: a published shape (a LLaMA-1 size 7B..65B, Llama-3.1-8B, Qwen2.5-7B, ...; see
-            `finetune.model.shape.KNOWN_SHAPES`) in place of the recipe's model.
 
     Raises:
-        InputError: a bad size or world size, or no readable config.json.
+        InputError: a bad size or world size.
     """
     from finetune.errors import InputError
-    from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape
 
     if world_size < 1:
         raise InputError(f"--world-size: must be at least 1 (got {world_size})")
@@ -365,11 +342,6 @@ def plan_report(
         memory = parse_size(gpu_memory) if gpu_memory else None
     except ValueError as e:
         raise InputError(f"--gpu-memory: {e}") from None
-    if model_params:
-        name = f"LLaMA-{model_params}" if model_params in LLAMA1_SHAPES else model_params
-        shape, model = KNOWN_SHAPES[model_params], f"{name} shape"
-    else:
-        shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
     largest = largest_micro_batch(recipe, shape, world_size=world_size, gpu_memory=memory) if memory else None
     auto = recipe.train.micro_batch_size == "auto"
     micro = (largest or 1) if auto else None  # auto: the plan of what `finetune run` would choose

@@ -13,10 +13,9 @@ import shutil
 from pathlib import Path
 
 from finetune.errors import InputError
-from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
+from finetune.run_folder import RunDir, check_run_format, read_json, read_recipe, read_summary, write_text
 from finetune.train.checkpoints import Checkpoints, scan_checkpoints
-from finetune.train.run_dir import RunDir, check_run_format
 
 # Keys that do not change what is trained: they may differ between the run folder's recipe and the
 # recipe of the resumed run. Every other key must be equal.
@@ -44,9 +43,9 @@ def find_resume_point(run_dir: RunDir, recipe: Recipe) -> Checkpoints:
     if not run_dir.recipe.is_file():
         raise InputError(f"{run_dir.path}: not a run folder (no recipe.yaml); nothing to resume")
     check_run_format(run_dir)
-    if _status(run_dir) == "finished":
+    if read_summary(run_dir).get("status") == "finished":
         raise InputError(f"{run_dir.path}: the run has finished; there is nothing to resume")
-    stored = load_recipe(run_dir.recipe)
+    stored = read_recipe(run_dir.path, check_files=True)
     differing = changed_keys(stored.model_dump(mode="json"), recipe.model_dump(mode="json"))
     if differing:
         raise InputError(
@@ -64,9 +63,8 @@ def find_resume_point(run_dir: RunDir, recipe: Recipe) -> Checkpoints:
 
 def check_same_data(run_dir: RunDir, fingerprint: str) -> None:
     """The resumed run must see the tokens the interrupted one saw (data.json's fingerprint)."""
-    try:
-        stored = json.loads(run_dir.data.read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError):
+    stored = read_json(run_dir.data).get("fingerprint")
+    if stored is None:
         return  # no data report to compare with: the run stopped before writing it
     if stored != fingerprint:
         raise InputError(
@@ -97,9 +95,7 @@ def truncate_metrics(path: Path, step: int) -> int:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    partial.replace(path)
+    write_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 
@@ -114,10 +110,3 @@ def changed_keys(stored: dict, given: dict, prefix: str = "") -> list[str]:
         elif a != b and not dotted.startswith(KEYS_FREE_ON_RESUME):
             changed.append(dotted)
     return changed
-
-
-def _status(run_dir: RunDir) -> str | None:
-    try:
-        return json.loads(run_dir.summary.read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError):
-        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe, TrainSpec
-from finetune.train.run_dir import RunDir
+from finetune.run_folder import RunDir
 
 
 def mixed_precision(spec: TrainSpec, device: str) -> str:

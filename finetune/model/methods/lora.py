@@ -1,4 +1,6 @@
-"""A saved LoRA adapter, read as the updates it makes to named base tensors, and applied one tensor at a time.
+"""adapter.kind: lora (QLoRA on a quantized base, rsLoRA, DoRA): its peft config, trainable tensors, names,
+checks, and its merge: a saved adapter read as the updates it makes to named base tensors, applied one
+tensor at a time.
 
 Matches peft's own merge (`peft/tuners/lora/layer.py` `get_delta_weight`, `variants.py` DoRA `merge_safe`):
   LoRA     W' = W + scaling * B @ A              scaling = alpha / r (alpha / sqrt(r) with rsLoRA)
@@ -17,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import InputError
+from finetune.model.methods.method import Method, Tensors
+from finetune.recipe.checks import KeyProblem
+from finetune.recipe.schema import LoraSpec, Recipe
 
 PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -96,7 +101,7 @@ def read_adapter(folder: Path, *, device: str = "cpu") -> Adapter:
 
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     if config.get("peft_type") != "LORA":
-        raise InputError(f"{folder}: a {config.get('peft_type')} adapter has no weights to merge; only LoRA has")
+        raise InputError(f"{folder}: holds a {config.get('peft_type')} adapter, not the LoRA adapter the run trained")
     used = [key for key in UNSUPPORTED if config.get(key)]
     if used:
         raise InputError(f"{folder}/adapter_config.json: cannot merge an adapter with {', '.join(used)} set")
@@ -143,3 +148,72 @@ def _scaling(config: dict, module: str, *, rank: int) -> float:
         key = get_pattern_key(config["alpha_pattern"].keys(), module)
         alpha = config["alpha_pattern"].get(key, alpha)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def peft_config(spec: LoraSpec, tokenizer_source: str):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        modules_to_save=spec.modules_to_save or None,
+        bias=spec.bias,
+        use_rslora=spec.use_rslora,
+        use_dora=spec.use_dora,
+    )
+
+
+def lora_targets(spec: LoraSpec, shape) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each adapted linear module of one decoder layer."""
+    linears = shape.linear_shapes()
+    if spec.target_modules == "all-linear":
+        return linears
+    return {name: dims for name, dims in linears.items() if name in spec.target_modules}
+
+
+def trainable_tensors(spec: LoraSpec, shape, setup) -> Tensors:
+    """A and B per target and layer (and DoRA's magnitudes) in float32; modules_to_save in full."""
+    tensors = []
+    for in_features, out_features in lora_targets(spec, shape).values():
+        tensors += [spec.r * in_features, spec.r * out_features] + ([out_features] if spec.use_dora else [])
+    tensors *= shape.num_layers
+    saved_bytes = 4 if setup.kbit_prepared else setup.weight_bytes
+    embeddings = [name for name in spec.modules_to_save if name in ("embed_tokens", "lm_head")]
+    to_save = [shape.vocab_size * shape.hidden_size] * len(embeddings)
+    return [(n, 4) for n in tensors] + [(n, saved_bytes) for n in to_save]
+
+
+def variant(spec: LoraSpec) -> str:
+    return "dora" if spec.use_dora else "rslora" if spec.use_rslora else "lora"
+
+
+def name(spec: LoraSpec, quant_bits: int | None) -> str:
+    """lora, rslora or dora; q-prefixed on a 4-bit base (QLoRA), marked on an 8-bit one."""
+    return {4: f"q{variant(spec)} (4-bit)", 8: f"{variant(spec)} (8-bit base)"}.get(quant_bits, variant(spec))
+
+
+def tags(spec: LoraSpec, quant_bits: int | None) -> list[str]:
+    return ["lora"] + ["qlora"] * (quant_bits == 4) + ["dora"] * spec.use_dora + ["rslora"] * spec.use_rslora
+
+
+def check(recipe: Recipe) -> list[KeyProblem]:
+    quant = recipe.quant
+    if recipe.adapter.use_dora and quant is not None and quant.bits == 8:
+        return [
+            KeyProblem(("adapter", "use_dora"), "DoRA is not supported on an 8-bit base by peft", "use quant.bits: 4")
+        ]
+    return []
+
+
+METHOD = Method(
+    spec=LoraSpec,
+    peft_config=peft_config,
+    trainable_tensors=trainable_tensors,
+    name=name,
+    tags=tags,
+    read_merge=read_adapter,
+    check=check,
+)
