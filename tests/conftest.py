@@ -4,6 +4,7 @@ writers."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ ADAPTER_EXPORT = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
+
+
+def require(available: bool, missing: str) -> None:
+    """Skip a test whose optional tool (llama.cpp, a browser) is missing; under CI=true fail instead, since
+    .ci/run installs every one, and a tool that broke there must not pass as a skip."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        pytest.fail(f"CI=true and {missing}", pytrace=False)
+    pytest.skip(missing)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
+
+from conftest import require
 
 # digits, punctuation, spaces and a newline: where the pre-tokenizers of the families differ
 TEXT = "Below is an instruction.\n\n### Instruction:\nAdd 123 and 4567, then   name 3 colors!\n\n### Response:\n"
@@ -19,9 +20,10 @@ def llama_cpp_comparison(path, merged_dir) -> dict:
     """Run `TEXT` through llama.cpp and transformers (float32); assert that llama.cpp tokenizes it the same way,
     that its logits are within 1% of the largest logit, and that it picks the same next token wherever the
     reference's top two are further apart than that difference. Returns the figures."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[gguf-test])"
-    )
+    try:
+        import llama_cpp
+    except ImportError as error:  # not installed, or a build that cannot load
+        require(False, f"llama_cpp cannot be imported ({error}); pip install -e .[gguf-test]")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

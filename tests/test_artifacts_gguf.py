@@ -20,7 +20,7 @@ from finetune.cli import main
 from finetune.pipeline import run
 from finetune.recipe.load import load_recipe
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, require
 from llama_cpp_check import LOGITS, field, llama_cpp_comparison
 
 pytestmark = pytest.mark.slow
@@ -141,9 +141,10 @@ def test_gguf_refuses_prefix_runs_and_an_existing_file(exported, write_recipe, t
 @pytest.mark.gguf
 def test_llama_cpp_logits_match_transformers(exported):
     """llama.cpp runs the exported files: f16 logits close to transformers', q8_0 picks the same next token."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[gguf-test])"
-    )
+    try:
+        import llama_cpp
+    except ImportError as error:  # not installed, or a build that cannot load
+        require(False, f"llama_cpp cannot be imported ({error}); pip install -e .[gguf-test]")
     run_dir, files = exported
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     text = "Below is an instruction that describes a task.\n\n### Instruction:\nName three colors.\n\n### Response:\n"

@@ -108,8 +108,9 @@ def test_sharded_base_gives_sharded_merge(write_recipe, tiny_model_dir, tmp_path
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")  # dtype from config.json
     assert model.dtype == torch.bfloat16
     ids = prompt_ids(run_dir)
-    adapter, _ = adapter_and_base_logits(run_dir, base, ids)
-    assert (logits(model, ids).float() - adapter).abs().max() < 0.05 * adapter.abs().max()
+    adapter, untrained = adapter_and_base_logits(run_dir, base, ids)
+    # bfloat16 rounding, held against the adapter's own effect: a merge without the update is off by all of it
+    assert (logits(model, ids).float() - adapter).abs().max() < 0.2 * (adapter - untrained).abs().max()
 
 
 def _header_bytes(path) -> int:
@@ -289,10 +290,10 @@ def test_a_merge_that_kept_the_tie_would_fail_the_check(family_lora_run, tmp_pat
 
     ids = family_ids(run_dir)
     adapter, base = adapter_and_base_float32_logits(run_dir, ids)
-    effect, scale = (adapter - base).abs().max().item(), adapter.abs().max().item()
+    effect = (adapter - base).abs().max().item()
     assert (float32_logits(untied, ids) - adapter).abs().max().item() < 0.05 * effect
     kept_tied = (float32_logits(kept_tie, ids) - adapter).abs().max().item()
-    tolerance = merge_tolerance("bfloat16", scale, effect)
+    tolerance = merge_tolerance("bfloat16", [adapter], effect)
     assert kept_tied > tolerance
     print(f"kept tied: off the adapter by {kept_tied:.3g}, bf16 tolerance {tolerance:.3g}")
 

@@ -1,6 +1,7 @@
 """`finetune generate`: every method's run folder answers, prompted exactly as in training; greedy equals
-`model.generate`; a seed makes sampling reproducible; exported and plain model folders answer too; every
-EOS id a model's generation config lists stops it."""
+`model.generate` of the run loaded with plain transformers/peft; a model trained on one answer generates it; a
+seed makes sampling reproducible; exported and plain model folders answer too; every EOS id a model's
+generation config lists stops it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
 from finetune.data.build import build_datasets, load_rows, sources_of
@@ -15,7 +17,7 @@ from finetune.eval.generate import Sampling, generate, load_target
 from finetune.eval.prompts import prompt_ids
 from finetune.run_folder import read_recipe
 
-from conftest import REPO
+from conftest import REPO, write_rows
 
 RUNS = {
     "lora": {},
@@ -61,6 +63,26 @@ def greedy_ids(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[in
     return output[0, len(ids) :].tolist()
 
 
+def plain_model(run, recipe):
+    """The run's model loaded with plain transformers, peft and bitsandbytes, as a user would: the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if recipe.adapter.kind == "none":
+        return AutoModelForCausalLM.from_pretrained(run / "model").eval(), AutoTokenizer.from_pretrained(run / "model")
+    quantized = {}
+    if recipe.quant is not None:  # the recipe's 4-bit defaults: NF4, double quantization, float32 compute on CPU
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        quantized = {"quantization_config": config, "device_map": {"": "cpu"}}
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32, **quantized)
+    return PeftModel.from_pretrained(base, run / "adapter").eval(), AutoTokenizer.from_pretrained(run / "adapter")
+
+
 def masked_prefix(sample) -> list[int]:
     return sample.input_ids[: sample.completion_mask.index(1)]
 
@@ -72,8 +94,8 @@ def test_every_method_generates_greedily_what_model_generate_gives(name, tiny_ru
     assert main(["generate", str(run), "--prompt", QUESTION["instruction"], "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
-    ids = prompt_ids(tokenizer, PROMPT_FORMAT[name], QUESTION)
+    model, tokenizer = plain_model(run, read_recipe(run))
+    ids = prompt_ids(tokenizer, PROMPT_FORMAT[name], QUESTION)  # the training samples' prefix: see the next test
     expected = greedy_ids(model, tokenizer, ids, 6)
     assert generate(run, [QUESTION], Sampling(max_new_tokens=6), prompt_format=None, echo=None) == [expected]
     assert streamed == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
@@ -120,7 +142,7 @@ def test_a_file_of_prompts_is_answered_in_order(tiny_run, tmp_path, capsys):
     assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
 
-    model, tokenizer = load_target(run, read_recipe(run), device="cpu")
+    model, tokenizer = plain_model(run, read_recipe(run))
     expected = []
     for number, row in enumerate([*rows, QUESTION], start=1):
         answer = greedy_ids(model, tokenizer, prompt_ids(tokenizer, "alpaca", row), 4)
@@ -214,3 +236,21 @@ def test_generation_stops_at_every_eos_id_of_the_generation_config(family, stops
         if stop != tokenizer.eos_token_id:
             model, loaded = load_target(folder, None, device="cpu")
             assert greedy_ids(model, loaded, prompt_ids(loaded, "chat", QUESTION), 5) == [stop] * 5
+
+
+def test_a_model_trained_on_one_answer_generates_exactly_that_answer(write_recipe, tmp_path, capsys):
+    row = {"instruction": "Which colour is a clear daytime sky?", "input": "", "output": "A clear sky is blue."}
+    recipe = write_recipe(
+        adapter={"target_modules": "all-linear"},
+        data={"path": str(write_rows(tmp_path / "one.json", [row])), "eval_fraction": 0.0},
+        train={"max_steps": 40, "micro_batch_size": 1, "lr": 2e-2, "lr_scheduler": "constant"},
+    )
+    assert main(["run", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", row["instruction"], "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == row["output"] + "\n"  # the answer, then EOS ends it
+
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"  # the same run without its update
+    save_file({name: t * ("lora_B" not in name) for name, t in load_file(weights).items()}, weights)
+    assert main(["generate", str(tmp_path / "run"), "--prompt", row["instruction"], "--max-new-tokens", "20"]) == 0
+    assert row["output"] not in capsys.readouterr().out
