@@ -193,7 +193,7 @@ def add_merge_verb(verb) -> None:
     merge.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
-        help="weight dtype (default the recipe's model.dtype; auto is float32 on CPU)",
+        help="weight dtype (default the base checkpoint's: a bf16 base gives a bf16 merge)",
     )
     merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

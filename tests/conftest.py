@@ -192,3 +192,67 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
         return done[name]
 
     return train
+
+
+@pytest.fixture(scope="session")
+def bf16_model_dir(tmp_path_factory, family_model_dir):
+    """bf16_model_dir(family) -> `family_model_dir(family)` stored in bfloat16, as released checkpoints are.
+    Qwen2's q/k/v biases (zero at init) are drawn at random first, so that a bias lost on the way shows."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            source, out = family_model_dir(family), tmp_path_factory.mktemp(f"bf16-{family}")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            generator = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                        param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            model.to(torch.bfloat16).save_pretrained(out)
+            for path in source.iterdir():
+                if path.is_file() and not path.name.startswith(("model", "config")):
+                    shutil.copy(path, out / path.name)  # tokenizer files, generation config
+            built[family] = out
+        return built[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_lora_run(tmp_path_factory, bf16_model_dir):
+    """family_lora_run(family, **adapter) -> a finished LoRA run (3 steps at a high learning rate, every linear
+    layer) on `bf16_model_dir(family)`, trained once per session for each family and adapter settings."""
+    from finetune.pipeline import run
+    from finetune.recipe.load import load_recipe
+
+    done: dict[str, Path] = {}
+
+    def train(family: str, **adapter) -> Path:
+        key = f"{family}-{'-'.join(f'{k}={v}' for k, v in sorted(adapter.items()))}"
+        if key not in done:
+            folder = tmp_path_factory.mktemp(f"lora-{family}")
+            recipe = {
+                "model": {"name_or_path": str(bf16_model_dir(family))},
+                "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0, **adapter},
+                "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 128, "max_rows": 16},
+                "train": {
+                    "max_steps": 3,
+                    "micro_batch_size": 4,
+                    "grad_accum": 1,
+                    "lr": 2e-2,
+                    "gradient_checkpointing": False,
+                },
+                "eval": {"samples": 0},
+                "output": {"dir": str(folder / "run"), "report": False},
+            }
+            (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+            done[key] = run(load_recipe(folder / "recipe.yaml"), echo=lambda _: None).path
+        return done[key]
+
+    return train

@@ -101,6 +101,14 @@ WAIT = "wait for it to end, or stop it first"
 NO_FOLDER = "give a local model folder or a hub id such as huggyllama/llama-7b"
 HUB = (("HF_ENDPOINT", "{hub}"),)
 LOGIN = "log in with `hf auth login` or set HF_TOKEN"
+# a byte-level BPE pre-tokenizer that splits at whitespace only: none of the released ones llama.cpp names
+WHITESPACE_SPLIT_PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
 TINY = str(REPO / "data" / "tiny-llama")
 
 CASES = [
@@ -348,6 +356,19 @@ CASES = [
          setup=claimed()),
     Case("eval-of-a-claimed-folder", ("eval", "{copy}"), 2, f"error: {{copy}} is in use by {HELD}; {WAIT}",
          setup=claimed()),
+    # --- GGUF export: refused before anything is merged, naming the run folder
+    Case("gguf-unsupported-architecture", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}: GGUF export writes the model types llama, mistral, qwen2 (Llama-1/2/3.x, Mistral, "
+         "Qwen2/2.5); this model is 'gemma' (GemmaForCausalLM)",
+         setup=edit_yaml("recipe.yaml", lambda r: r["model"].update(name_or_path=str(BAD / "model_gemma")))),
+    Case("gguf-unsupported-rope-scaling", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}: GGUF export writes the rope scalings default, linear, llama3; this model uses 'yarn'",
+         setup=edit_yaml("recipe.yaml", lambda r: r["model"].update(name_or_path=str(BAD / "model_rope_yarn")))),
+    Case("gguf-unknown-pre-tokenizer", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}/adapter/tokenizer.json: GGUF export knows the byte-level BPE pre-tokenizers of Llama-3 "
+         "(llama-bpe) and Qwen2 (qwen2); this one splits text with the expression \\s+, which llama.cpp would "
+         "not reproduce",
+         setup=edit_json("adapter/tokenizer.json", lambda t: t.update(pre_tokenizer=WHITESPACE_SPLIT_PRE_TOKENIZER))),
     Case("eval-base-changed-shape", ("eval", "{copy}"), 2,
          "re:error: {copy}/adapter: the adapter does not fit the base model "
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",
