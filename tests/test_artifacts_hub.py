@@ -130,7 +130,7 @@ def test_the_headline_chain_from_a_hub_model_and_data_set_to_pushed_models(hub, 
     assert done.returncode == 0, done.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
-    assert main(["merge", str(run)]) == 0
+    assert main(["merge", str(run), "--dtype", "float32"]) == 0  # the bf16 base merged exactly, for the 1e-4 below
     merged = run / "merged"
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
