@@ -210,6 +210,17 @@ def findings(summaries: dict[str, dict]) -> list[str]:
     return lines
 
 
+def command_options(args) -> list[str]:
+    """The options that decide the figures, as the command line gives them (not --load or --results)."""
+    if args.quick:
+        return ["--quick"]
+    options = [f"--models {' '.join(args.models)}", f"--steps {args.steps}", f"--rounds {args.rounds}"]
+    options += [f"--threads {args.threads}"]
+    if args.only:
+        options.append("--only " + " ".join(f"'{name}'" if " " in name else name for name in args.only))
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="data/tiny-llama, 2 steps, 2 rounds, 3 setups")
@@ -229,7 +240,7 @@ def main() -> None:
     steps, rounds, models = (2, 2, ["tiny"]) if args.quick else (args.steps, args.rounds, args.models)
     names = tuple(args.only or (QUICK if args.quick else SETUPS))
 
-    command = "python benchmarks/train_throughput.py" + (" --quick" if args.quick else "")
+    command = " ".join(["python benchmarks/train_throughput.py", *command_options(args)])
     with tempfile.TemporaryDirectory() as scratch:
         for model_name in models:  # each model's section is written as soon as it is measured
             model = model_folder(model_name, Path(scratch))

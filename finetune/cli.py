@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue output.dir (or RECIPE given as a run folder) from its newest complete checkpoint",
     )
+    add_force_unlock(run)
     run.add_argument(
         "--accelerate-config",
         metavar="FILE",
@@ -71,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=500, help="held-out problems to score (default 500)")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    add_force_unlock(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
     report = verb(
         "report", cmd_report, "write RUN_DIR/report.html and RUN_DIR/plots/ from the run's files", recipe=False
     )
     report.add_argument("run_dir", metavar="RUN_DIR")
+    add_force_unlock(report)
     runs = verb("runs", cmd_runs, "list run folders: method, base, steps, losses, exact match, status", recipe=False)
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder holding run folders (default runs)")
     compare = verb(
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_force_unlock(export)
     gen = verb("generate", cmd_generate, "answer prompts with a trained run or a model folder", recipe=False)
     gen.add_argument("target", metavar="RUN_DIR|MODEL_DIR", help="a run folder, an exported or merged folder")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -109,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50; 0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
-    push = verb("push", cmd_push, "upload a run's adapter (or merged model) to a Hugging Face hub repo", recipe=False)
+    push = verb("push", cmd_push, "upload a run's adapter, merged model or GGUF file to a hub repo", recipe=False)
     push.add_argument("run_dir", metavar="RUN_DIR")
     push.add_argument("--repo-id", required=True, help="namespace/name; created if missing")
-    push.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    what = push.add_mutually_exclusive_group()
+    what.add_argument("--merged", action="store_true", help="upload RUN_DIR/merged (from finetune merge)")
+    what.add_argument(
+        "--gguf", action="store_true", help="upload RUN_DIR/model-*.gguf (from finetune export --format gguf)"
+    )
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default main)")
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
@@ -131,8 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key")
     stats.add_argument("--debug", action="store_true", help="show the traceback of errors")
     stats.set_defaults(handler=cmd_data_stats)
-    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random LLaMA + tokenizer to try recipes on", recipe=False)
+    tiny = verb("tiny-model", cmd_tiny_model, "build a tiny random model + tokenizer to try recipes on", recipe=False)
     tiny.add_argument("out", metavar="OUT", help="folder to write")
+    from finetune.model.tiny import FAMILIES  # names only: the builders import torch when called
+
+    tiny.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llama",
+        help="llama (LLaMA-1/2, SentencePiece), llama3 (Llama-3.1, byte-level BPE), mistral, qwen2 (Qwen2.5, "
+        "ChatML) (default llama)",
+    )
     tiny.add_argument("--corpus", required=True, help="JSON/JSONL rows whose text trains the tokenizer")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
@@ -142,11 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verb("plan", cmd_plan, "predict peak GPU memory of a recipe from the model's config alone")
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 24GiB or 80GB: say if it fits")
     plan.add_argument("--world-size", type=int, default=1, metavar="N", help="GPUs sharing the model with FSDP")
+    from finetune.model.shape import KNOWN_SHAPES  # sizes only: no torch
+
     plan.add_argument(
-        "--model-params", choices=("7B", "13B", "33B", "65B"), help="plan for a LLaMA-1 of this size instead"
+        "--model-params",
+        choices=tuple(KNOWN_SHAPES),
+        metavar="SHAPE",
+        help=f"plan for a published shape instead of the recipe's model: {', '.join(KNOWN_SHAPES)} "
+        "(7B..65B are LLaMA-1)",
     )
     add_merge_verb(verb)
     return parser
+
+
+def add_force_unlock(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over the claim on the folder this command writes, left by a process on another machine "
+        "(see Interrupted runs in README.md)",
+    )
 
 
 def add_merge_verb(verb) -> None:
@@ -161,10 +193,11 @@ def add_merge_verb(verb) -> None:
     merge.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
-        help="weight dtype (default the recipe's model.dtype; auto is float32 on CPU)",
+        help="weight dtype (default the base checkpoint's: a bf16 base gives a bf16 merge)",
     )
     merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_force_unlock(merge)
     merge.add_argument(
         "--no-verify",
         dest="verify",
@@ -175,10 +208,18 @@ def add_merge_verb(verb) -> None:
 
 def cmd_merge(args) -> int:
     from finetune.artifacts.merge import merge_run
+    from finetune.quiet import quiet_libraries
 
-    merge_run(
-        args.run_dir, out=args.out, dtype=args.dtype, device=args.device, overwrite=args.overwrite, verify=args.verify
-    )
+    with quiet_libraries():
+        merge_run(
+            args.run_dir,
+            out=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            overwrite=args.overwrite,
+            verify=args.verify,
+            force_unlock=args.force_unlock,
+        )
     return 0
 
 
@@ -194,11 +235,12 @@ def cmd_plan(args) -> int:
     from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from finetune.model.shape import LLAMA1_SHAPES, read_shape
+    from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape
     from finetune.train.plan import plan_report
 
     if args.model_params:
-        shape, model = LLAMA1_SHAPES[args.model_params], f"LLaMA-{args.model_params} shape"
+        name = f"LLaMA-{args.model_params}" if args.model_params in LLAMA1_SHAPES else args.model_params
+        shape, model = KNOWN_SHAPES[args.model_params], f"{name} shape"
     else:
         shape, model = read_shape(recipe.model.name_or_path, recipe.model.revision), recipe.model.name_or_path
     print(plan_report(recipe, args.recipe, shape, model, gpu_memory=args.gpu_memory, world_size=args.world_size))
@@ -228,11 +270,16 @@ def cmd_run(args) -> int:
     if args.accelerate_config:
         from finetune.train.launch import launch_run
 
-        flags = {"overwrite": args.overwrite, "resume": args.resume, "debug": args.debug}
+        flags = {
+            "overwrite": args.overwrite,
+            "resume": args.resume,
+            "debug": args.debug,
+            "force_unlock": args.force_unlock,
+        }
         return launch_run(recipe, args.accelerate_config, args.recipe, args.overrides, **flags)
     from finetune.pipeline import run
 
-    result = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    result = run(recipe, overwrite=args.overwrite, resume=args.resume, force_unlock=args.force_unlock)
     from finetune.run_folder import is_main_process
 
     if not is_main_process():
@@ -271,16 +318,16 @@ def cmd_eval(args) -> int:
     from finetune.eval.exact_match import evaluate
     from finetune.eval.goat import format_table
 
-    result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size)
+    result = evaluate(args.run_dir, n=args.n, batch_size=args.batch_size, force_unlock=args.force_unlock)
     print(format_table(result))
     print(f"written to {args.run_dir}/eval.json")
     return 0
 
 
 def cmd_report(args) -> int:
-    from finetune.report.html import build_report
+    from finetune.report.html import write_report
 
-    print(f"report: {build_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, force_unlock=args.force_unlock)}")
     return 0
 
 
@@ -342,7 +389,8 @@ def cmd_data_goat(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from finetune.data.sources import read_rows
-    from finetune.model.tiny import TinyShape, build_tiny_llama
+    from finetune.model.tiny import TinyShape, build_tiny
+    from finetune.quiet import quiet_libraries
 
     rows = read_rows(args.corpus).rows
     texts = [value for row in rows for value in row.values() if isinstance(value, str)]
@@ -352,17 +400,21 @@ def cmd_tiny_model(args) -> int:
         num_hidden_layers=args.layers,
         initializer_range=args.init_std,
     )
-    print(f"tiny LLaMA written to {build_tiny_llama(args.out, texts, seed=args.seed, shape=shape)}")
+    with quiet_libraries():
+        out = build_tiny(args.family, args.out, texts, seed=args.seed, shape=shape)
+    print(f"tiny {args.family} model written to {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
     from finetune.eval.generate import Sampling, generate
     from finetune.eval.prompts import read_prompts
+    from finetune.quiet import quiet_libraries
 
     rows = read_prompts(args.prompt, args.file)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    generate(args.target, rows, sampling, prompt_format=args.format)
+    with quiet_libraries():
+        generate(args.target, rows, sampling, prompt_format=args.format)
     return 0
 
 
@@ -373,6 +425,7 @@ def cmd_push(args) -> int:
         args.run_dir,
         args.repo_id,
         merged=args.merged,
+        gguf=args.gguf,
         private=args.private,
         revision=args.revision,
         dry_run=args.dry_run,
@@ -381,13 +434,16 @@ def cmd_push(args) -> int:
 
 
 def cmd_export(args) -> int:
-    return EXPORT_FORMATS[args.format](args)
+    from finetune.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return EXPORT_FORMATS[args.format](args)
 
 
 def cmd_export_adapter(args) -> int:
     from finetune.artifacts.export import export_adapter
 
-    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite)
+    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite, force_unlock=args.force_unlock)
     if result.whole_model:
         print("full fine-tuning run (adapter.kind: none): it has no adapter, so the whole model is exported")
     print(f"exported {len(result.files)} files to {result.path}: {', '.join(result.files)}")
@@ -397,7 +453,9 @@ def cmd_export_adapter(args) -> int:
 def cmd_export_gguf(args) -> int:
     from finetune.artifacts.gguf import export_gguf
 
-    export_gguf(args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite)
+    export_gguf(
+        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+    )
     return 0
 
 

@@ -1,9 +1,10 @@
 """recipe -> data -> model -> adapter -> train -> run folder: the order of the steps, and nothing else.
 
 Everything that can fail on bad input (recipe, output folder, tokenizer, data rows, model folder)
-fails before the run folder is touched, so a failed command never changes an earlier run. What each
-step does lives in its package: the run folder in `run_folder.py`, batch sizing, training, write
-failures, summaries and the saved artifact in train/, exact match in eval/, report.html in report/.
+fails before the run folder is touched, so a failed command never changes an earlier run; only its
+claim (finetune/lock.py) comes first, and goes when the command ends. What each step does lives in its
+package: the run folder in `run_folder.py`, batch sizing, training, write failures, summaries and the
+saved artifact in train/, exact match in eval/, report.html in report/.
 """
 
 from __future__ import annotations
@@ -28,18 +29,35 @@ class RunResult:
     model: object  # the trained model, still in memory
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: Echo = print) -> RunResult:
+def run(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force_unlock: bool = False, echo: Echo = print
+) -> RunResult:
     """Train the recipe and write its run folder, or continue it from its newest complete checkpoint.
 
+    output.dir is claimed first (finetune/lock.py), so a second command on the same folder is refused before
+    it looks at the folder, and released however the run ends.
+
     Raises:
-        InputError: bad output folder, tokenizer, data or model, or a run folder that this recipe cannot
-            resume (nothing written yet).
+        InputError: output.dir is claimed by another command; bad output folder, tokenizer, data or model, or a
+            run folder that this recipe cannot resume (nothing written yet).
         Interrupted: Ctrl-C; a checkpoint was saved first.
     """
+    from finetune.lock import claim
+    from finetune.run_folder import is_main_process
+
+    if not is_main_process():  # it writes nothing to the folder
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+    # under a launch, the main process writes under the claim of the command that launched it
+    with claim(recipe.output.dir, subject="output.dir", force_unlock=force_unlock, echo=echo):
+        return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
+
+
+def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) -> RunResult:
+    """`run`, once output.dir is claimed."""
     from transformers import set_seed
 
     from finetune.model.adapters import count_parameters, wrap_adapter
-    from finetune.model.load import load_model, pick_device, resolve_source
+    from finetune.model.load import fetch_model, fetch_tokenizer, load_model, pick_device, resolve_source
     from finetune.model.shape import read_shape
     from finetune.run_folder import is_main_process
     from finetune.train.artifact import save_artifact
@@ -48,7 +66,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     from finetune.train.checkpoints import estimate_checkpoint_bytes
     from finetune.train.failures import guard_writes, train_until_stopped
     from finetune.train.launch import check_fsdp_launch, check_trainer_distribution, close_process_group
-    from finetune.train.resume import check_same_data, find_resume_point
+    from finetune.train.resume import check_same_data, check_same_hub_inputs, find_resume_point
     from finetune.train.summary import summarize
     from finetune.train.trainer import build_trainer, mixed_precision
 
@@ -63,15 +81,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     # from here on the recipe holds the batch numbers, as recipe.yaml records them (and a resume compares them)
     recipe = with_batch(recipe, size_batches(recipe, shape, device, echo))
     checkpoints = find_resume_point(run_dir, recipe) if resume else None
-    tokenizer, data = prepare_data(recipe)
+    tokenizer_files = fetch_tokenizer(recipe.model)
+    tokenizer, data = prepare_data(recipe, tokenizer_files)
     echo_data_report(data.report, echo)
+    model_files = fetch_model(recipe.model, tokenizer_files)
+    fetched = {"model": model_files, "tokenizer": tokenizer_files}
+    hub_inputs = {role: files.record() for role, files in fetched.items() if files is not None}
     if resume:
+        check_same_hub_inputs(run_dir, hub_inputs, data.report.hub_inputs)
         check_same_data(run_dir, data.report.fingerprint)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the tokenizer: inference formats alike
 
     set_seed(recipe.train.seed)
-    model = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer)
+    model = load_model(recipe.model, recipe.quant, device=device, tokenizer=tokenizer, files=model_files)
     model = wrap_adapter(
         model,
         recipe.adapter,
@@ -83,7 +106,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     # a new checkpoint is written before the oldest is removed, and the final weights come on top
     run_dir.check_free_space(3 * estimate_checkpoint_bytes(model))
 
-    open_run_folder(run_dir, recipe, data, device, checkpoints, echo)
+    open_run_folder(run_dir, recipe, data, device, checkpoints, echo, hub_inputs)
     stop = StopOnSignalCallback()
     trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
     check_trainer_distribution(trainer)
@@ -110,8 +133,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo: 
     return RunResult(run_dir.path, summary, model)
 
 
-def open_run_folder(run_dir: RunDir, recipe: Recipe, data, device: str, checkpoints, echo: Echo) -> None:
-    """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it."""
+def open_run_folder(
+    run_dir: RunDir, recipe: Recipe, data, device: str, checkpoints, echo: Echo, hub_inputs: dict
+) -> None:
+    """A new run: empty the folder and write recipe, environment and data report. A resumed one: tidy it.
+
+    `hub_inputs`: repo id, revision and commit of the model and tokenizer read from a hub, by role.
+    """
     from finetune.run_folder import is_main_process
     from finetune.train.environment import environment_info
     from finetune.train.resume import prepare_for_resume
@@ -125,7 +153,7 @@ def open_run_folder(run_dir: RunDir, recipe: Recipe, data, device: str, checkpoi
     if removed:
         echo(f"--overwrite: removed the previous contents of {run_dir.path}: {', '.join(removed)}")
     run_dir.write_text(run_dir.recipe, recipe_to_yaml(recipe))
-    run_dir.write_json(run_dir.environment, environment_info(device))
+    run_dir.write_json(run_dir.environment, environment_info(device) | {"hub_inputs": hub_inputs})
     run_dir.write_json(run_dir.data, asdict(data.report))
 
 
@@ -174,10 +202,13 @@ def echo_data_report(report, echo: Echo) -> None:
         echo(f"data: ... {len(report.dropped_rows) - 5} more dropped rows are listed in data.json")
 
 
-def prepare_data(recipe: Recipe):
-    """(tokenizer, built data): the samples exactly as training will see them, without loading the model."""
+def prepare_data(recipe: Recipe, tokenizer_files=None):
+    """(tokenizer, built data): the samples exactly as training will see them, without loading the model.
+
+    `tokenizer_files`: the tokenizer's hub snapshot when already fetched (`fetch_tokenizer`).
+    """
     from finetune.data.build import build_datasets
     from finetune.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, tokenizer_files)
     return tokenizer, build_datasets(recipe.data, tokenizer, recipe.train.seed)

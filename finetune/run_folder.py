@@ -4,8 +4,10 @@ Everything a run leaves is here, and every command (run, resume, eval, generate,
 report, runs, compare) reads it through this module:
 
 recipe.yaml        the resolved recipe, every default filled in (batch sizes as numbers)
-environment.json   library versions, Python, platform, device, git commit of finetune, run_format
-data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint
+environment.json   library versions, Python, platform, device, git commit of finetune, run_format, and the
+                   hub commits the model and tokenizer were read at (hub_inputs)
+data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint, and the
+                   hub commit of each data set (hub_inputs)
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
 tensorboard/       TensorBoard event files of the same metrics
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
@@ -15,8 +17,9 @@ summary.json       status, wall time, first/last losses, parameter counts (and e
 eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
 samples.json       a few greedy generations next to their references (eval.samples)
 report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)
+.claim             only while a command writes the folder: which process (finetune/lock.py)
 
-Imports recipe/ and errors only, so any package may use it without importing a sibling.
+Imports recipe/, lock and errors only, so any package may use it without importing a sibling.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TypeVar
 import yaml
 
 from finetune.errors import InputError
+from finetune.lock import CLAIM_NAME
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import Recipe
 
@@ -88,12 +92,12 @@ class RunDir:
         return run
 
     def create(self) -> list[str]:
-        """Make the (empty) folder, removing a previous run's files; returns what was removed."""
+        """Make the (empty) folder, removing a previous run's files (not the claim); returns what was removed."""
         removed = []
         if not is_main_process():
             return removed
         if self.path.is_dir():
-            for child in sorted(self.path.iterdir()):
+            for child in sorted(p for p in self.path.iterdir() if p.name != CLAIM_NAME):
                 removed.append(child.name)
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -124,7 +128,9 @@ class RunDir:
 
 def claim_folder(target: Path, *, overwrite: bool, key: str, protect: RunDir | None = None) -> None:
     """Check, without writing anything, that `target` may be filled: the one refusal of every output folder
-    (a run's output.dir, `finetune merge --out`, `finetune export --out`).
+    (a run's output.dir, `finetune merge --out`, `finetune export --out`). The command holds the folder's
+    claim (finetune/lock.py) first, so that no other command fills it between this check and its writes;
+    the claim file in a run folder does not count as content.
 
     Args:
         target: the folder a command will write.
@@ -140,7 +146,7 @@ def claim_folder(target: Path, *, overwrite: bool, key: str, protect: RunDir | N
         raise InputError(f"{key}: {target} would overwrite the run folder's own files; choose another folder")
     if target.exists() and not target.is_dir():
         raise InputError(f"{key}: {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if target.is_dir() and any(p.name != CLAIM_NAME for p in target.iterdir()) and not overwrite:
         raise InputError(f"{key}: {target} is not empty; pass --overwrite to replace it, or choose another folder")
     nearest = nearest_existing_folder(target)
     problem = write_problem(nearest)
@@ -260,6 +266,24 @@ def read_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     run = open_run(path)
     check_run_format(run)
     return load_recipe(run.recipe, [*overrides, f"output.dir={json.dumps(str(run.path))}"], check_files=check_files)
+
+
+def read_trained_recipe(path: str | Path) -> Recipe:
+    """`read_recipe` of a finished run, its hub base model pinned to the commit the run trained on
+    (environment.json's hub_inputs): merge, export, eval and generate then load the weights the adapter
+    was trained against even after the recipe's branch moved. A local base, a base whose tokenizer comes
+    from another repo (model.revision applies to that one too) or a run without the record: as stored.
+
+    Raises:
+        InputError: not a run folder, or one written by an incompatible version.
+        RecipeError: the stored recipe is not valid.
+    """
+    recipe = read_recipe(path)
+    trained = read_json(open_run(path).environment).get("hub_inputs", {}).get("model")
+    own_tokenizer = recipe.model.tokenizer in (None, recipe.model.name_or_path)
+    if not trained or trained.get("repo_id") != recipe.model.name_or_path or not own_tokenizer:
+        return recipe
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": trained["commit"]})})
 
 
 def read_recipe_mapping(path: str | Path) -> dict:

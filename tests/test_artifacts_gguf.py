@@ -1,7 +1,9 @@
-"""finetune export --format gguf: the file read back with gguf's reader, and (marker gguf) run by llama.cpp."""
+"""finetune export --format gguf on the tiny LLaMA (LoRA and full runs, f16 and q8_0, rope scalings): the file
+read back with gguf's reader, and (marker gguf) run by llama.cpp. Each family: test_artifacts_gguf_families.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,14 +11,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.artifacts.gguf import gguf_name, unpermute
+from finetune.artifacts import gguf_arch
+from finetune.artifacts.gguf import unpermute, write_gguf
+from finetune.artifacts.gguf_arch import gguf_name
 from finetune.cli import main
 from finetune.pipeline import run
 from finetune.recipe.load import load_recipe
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, require
+from llama_cpp_check import LOGITS, field, llama_cpp_comparison
 
 pytestmark = pytest.mark.slow
 HEADS, KV_HEADS = 4, 2  # conftest's tiny LLaMA
@@ -42,10 +47,6 @@ def exported(tmp_path_factory, tiny_model_dir):
         assert main(["export", str(run_dir), "--format", "gguf", "--type", kind]) == 0
         files[kind] = run_dir / f"model-{kind}.gguf"
     return run_dir, files
-
-
-def field(reader, key):
-    return reader.fields[key].contents()
 
 
 def test_gguf_tensors_metadata_and_vocabulary(exported, tiny_model_dir):
@@ -140,9 +141,10 @@ def test_gguf_refuses_prefix_runs_and_an_existing_file(exported, write_recipe, t
 @pytest.mark.gguf
 def test_llama_cpp_logits_match_transformers(exported):
     """llama.cpp runs the exported files: f16 logits close to transformers', q8_0 picks the same next token."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e .[gguf-test])"
-    )
+    try:
+        import llama_cpp
+    except ImportError as error:  # not installed, or a build that cannot load
+        require(False, f"llama_cpp cannot be imported ({error}); pip install -e .[gguf-test]")
     run_dir, files = exported
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     text = "Below is an instruction that describes a task.\n\n### Instruction:\nName three colors.\n\n### Response:\n"
@@ -163,3 +165,73 @@ def test_llama_cpp_logits_match_transformers(exported):
         if kind == "f16":
             assert diff <= 0.01 * scale  # f16 weights, f32 activations: rounding only
         del llm
+
+
+def with_rope(source, folder, rope: dict):
+    """A copy of model folder `source` whose config.json has these rope parameters."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rope_parameters": rope}))
+    return folder
+
+
+LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+def test_linear_rope_scaling_is_written_as_its_two_keys(family_model_dir, tmp_path):
+    import gguf
+
+    folder = with_rope(family_model_dir("llama"), tmp_path / "linear", LINEAR)
+    write_gguf(folder, tmp_path / "linear.gguf", "f16", echo=lambda _: None)
+    reader = gguf.GGUFReader(tmp_path / "linear.gguf")
+    assert field(reader, "llama.rope.scaling.type") == "linear"
+    assert field(reader, "llama.rope.scaling.factor") == 4.0
+
+
+@pytest.mark.gguf
+def test_llama_cpp_applies_linear_rope_scaling_as_transformers_does(family_model_dir, tmp_path):
+    """transformers divides positions by the factor; so does llama.cpp with the keys, and without them it differs."""
+    folder = with_rope(family_model_dir("llama"), tmp_path / "linear", LINEAR)
+    write_gguf(folder, tmp_path / "linear.gguf", "f16", echo=lambda _: None)
+    llama_cpp_comparison(tmp_path / "linear.gguf", folder)
+    unscaled = with_rope(folder, tmp_path / "unscaled", {"rope_type": "default", "rope_theta": 10000.0})
+    write_gguf(unscaled, tmp_path / "unscaled.gguf", "f16", echo=lambda _: None)
+    with pytest.raises(AssertionError, match=LOGITS):
+        llama_cpp_comparison(tmp_path / "unscaled.gguf", folder)
+
+
+def test_mistral_sliding_window_is_reported_when_llama_cpp_would_ignore_it(family_model_dir):
+    from transformers import MistralConfig
+
+    short = MistralConfig(sliding_window=4096, max_position_embeddings=32768)  # Mistral-7B-v0.1
+    assert "sliding window of 4096 tokens is not applied" in gguf_arch.sliding_window_note(short)
+    assert gguf_arch.sliding_window_note(AutoConfig.from_pretrained(family_model_dir("mistral"))) is None
+    assert gguf_arch.sliding_window_note(MistralConfig(sliding_window=None)) is None  # v0.2 and later
+
+
+@pytest.fixture(scope="module")
+def full_export(tiny_run, tmp_path_factory):
+    """(run folder, GGUF file) of a full fine-tuning run on the tiny LLaMA: its model/ has tokenizer.json only."""
+    run_dir = tiny_run("full", adapter={"kind": "none"})
+    path = tmp_path_factory.mktemp("full-gguf") / "full.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(path)]) == 0
+    return run_dir, path
+
+
+def test_a_full_run_exports_with_the_sentencepiece_model_of_its_base(full_export, tiny_model_dir):
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    run_dir, path = full_export
+    assert not (run_dir / "model" / "tokenizer.model").exists()  # transformers 5 saves tokenizer.json only
+    reader = gguf.GGUFReader(path)
+    sp = SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    pieces = [sp.IdToPiece(i) for i in range(sp.vocab_size())]
+    assert field(reader, "tokenizer.ggml.tokens")[: sp.vocab_size()] == pieces
+
+
+@pytest.mark.gguf
+def test_llama_cpp_runs_a_full_run_as_transformers_does(full_export):
+    run_dir, path = full_export
+    llama_cpp_comparison(path, run_dir / "model")

@@ -5,6 +5,8 @@ The inputs live in tests/bad_inputs/ (each breaks good.yaml, or the data and mod
 place). A case is one entry of CASES; `{bad}` is that folder, `{run}` a finished run folder that every
 command must leave untouched, `{copy}` a copy of it that the case's `setup` breaks first. A message
 starting with `re:` is a regular expression (for the parts that are library wording); the rest are exact.
+Hub cases name repos of the suite's hub server (tests/hub_repos.py), reached through the case's `env`
+(`{hub}` is the server's URL), without a token.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune.cli import main
+from finetune.lock import Holder, claim_file
 
 from conftest import REPO
+from hub_repos import GATED_ID, MODEL_ID, PICKLED_ID, PRIVATE_ID, serve_test_repos
+from hub_server import HubServer
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 GOOD = "good.yaml"
@@ -38,6 +44,7 @@ class Case:
     exit_code: int
     message: str
     setup: Callable[[Path], None] | None = None  # breaks {copy}, a copy of the finished run
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the case ({hub}: the hub's URL)
 
 
 def edit_yaml(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -71,7 +78,37 @@ def run_over(*overrides: str, recipe: str = GOOD) -> tuple[str, ...]:
     return ("run", recipe, *overrides, "output.dir={run}", "--overwrite")
 
 
+def claimed(where: str = "", *, beside: bool = False, host: str | None = None) -> Callable[[Path], None]:
+    """A claim on {copy}/`where` held by a process that runs (pid 1) on this host, or on `host`."""
+
+    def setup(copy: Path) -> None:
+        holder = Holder(
+            pid=1,
+            host=host or socket.gethostname(),
+            command="finetune run good.yaml",
+            started="2026-01-01 00:00:00 UTC",
+            token="0" * 16,
+        )
+        file = claim_file(copy / where, beside=beside)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(asdict(holder)))
+
+    return setup
+
+
+HELD = "pid 1 on {host} (finetune run good.yaml, since 2026-01-01 00:00:00 UTC)"
+WAIT = "wait for it to end, or stop it first"
 NO_FOLDER = "give a local model folder or a hub id such as huggyllama/llama-7b"
+HUB = (("HF_ENDPOINT", "{hub}"),)
+LOGIN = "log in with `hf auth login` or set HF_TOKEN"
+# a byte-level BPE pre-tokenizer that splits at whitespace only: none of the released ones llama.cpp names
+WHITESPACE_SPLIT_PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
 TINY = str(REPO / "data" / "tiny-llama")
 
 CASES = [
@@ -245,6 +282,38 @@ CASES = [
          "re:error: model.name_or_path: cannot load a tokenizer from '{bad}/model_no_tokenizer': .*"),
     Case("model-remote-code", run_over("model.name_or_path=model_remote_code", f"model.tokenizer={TINY}"), 2,
          "re:error: model.name_or_path: {bad}/model_remote_code ships its own Python code .*"),
+    # --- hub repos (nothing is written: the run folder stays as it was)
+    Case("hub-unknown-repo", run_over("model.name_or_path=test-org/no-such-model"), 2,
+         "error: model.name_or_path: test-org/no-such-model: no such model repo, or it is private or gated and no "
+         f"token is set: {LOGIN}", env=HUB),
+    Case("hub-private-repo-without-token", run_over(f"model.name_or_path={PRIVATE_ID}"), 2,
+         f"error: model.name_or_path: {PRIVATE_ID}: no such model repo, or it is private or gated and no token is "
+         f"set: {LOGIN}", env=HUB),
+    Case("hub-gated-repo-without-token", run_over(f"model.name_or_path={GATED_ID}"), 2,
+         f"error: model.name_or_path: {GATED_ID}: a gated model: accept its conditions on the hub's page for "
+         f"{GATED_ID}, then {LOGIN}", env=HUB),
+    Case("hub-unknown-revision", run_over(f"model.name_or_path={MODEL_ID}", "model.revision=no-such-branch"), 2,
+         f"error: model.name_or_path: {MODEL_ID} (revision no-such-branch): no revision 'no-such-branch' (a branch, "
+         "tag or commit) in the model repo", env=HUB),
+    Case("hub-data-unknown-revision", run_over("data.path=test-org/alpaca-sample", "data.revision=v9"), 2,
+         "error: data.path: test-org/alpaca-sample (revision v9): no revision 'v9' (a branch, tag or commit) in the "
+         "dataset repo", env=HUB),
+    Case("hub-unknown-dataset", run_over("data.path=test-org/no-such-data"), 2,
+         "error: data.path: test-org/no-such-data: no such dataset repo, or it is private or gated and no token is "
+         f"set: {LOGIN}", env=HUB),
+    Case("hub-data-unknown-split", run_over("data.path=test-org/alpaca-sample", "data.split=validation"), 2,
+         "re:error: test-org/alpaca-sample: cannot load dataset \\(split 'validation'\\): ValueError: .*validation.*",
+         env=HUB),
+    Case("hub-offline-not-cached", run_over("model.name_or_path=test-org/never-downloaded"), 2,
+         "error: model.name_or_path: test-org/never-downloaded: offline (HF_HUB_OFFLINE=1), and not in the local "
+         "cache; run once online or give a local folder", env=(*HUB, ("HF_HUB_OFFLINE", "1"))),
+    Case("hub-unreachable-not-cached", run_over("model.name_or_path=test-org/never-downloaded"), 2,
+         "error: model.name_or_path: test-org/never-downloaded: cannot reach the hub at http://127.0.0.1:9, and not "
+         "in the local cache; run once online or give a local folder", env=(("HF_ENDPOINT", "http://127.0.0.1:9"),)),
+    Case("hub-repo-without-safetensors", run_over(f"model.name_or_path={PICKLED_ID}"), 2,
+         f"re:error: model\\.name_or_path: {PICKLED_ID} has no weights in safetensors files \\(\\*\\.safetensors\\) at "
+         "commit [0-9a-f]{40}; pickled weights \\(\\*\\.bin, \\*\\.pt\\) load only with "
+         "model\\.allow_pickle_weights: true, if you trust them", env=HUB),
     # --- run folders
     Case("eval-not-a-run-folder", ("eval", "."), 2, "error: .: not a run folder (no recipe.yaml)"),
     Case("report-not-a-run-folder", ("report", "."), 2, "error: .: not a run folder (no recipe.yaml)"),
@@ -273,6 +342,37 @@ CASES = [
     Case("eval-broken-run-recipe", ("eval", "{copy}"), 2,
          "error: {copy}/recipe.yaml:1:1: the recipe must be a mapping of sections (model:, data:, ...)",
          setup=lambda copy: (copy / "recipe.yaml").write_text("[broken]\n")),
+    # --- folders another command writes (finetune/lock.py)
+    Case("run-into-a-claimed-folder", ("run", GOOD, "output.dir={copy}", "--overwrite"), 2,
+         f"error: output.dir: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
+    Case("resume-a-claimed-folder", ("run", "{copy}", "--resume"), 2,
+         f"error: output.dir: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
+    Case("resume-a-folder-claimed-on-another-host", ("run", "{copy}", "--resume"), 2,
+         "error: output.dir: {copy} is claimed by pid 1 on gpu-node-7 (finetune run good.yaml, since 2026-01-01 "
+         "00:00:00 UTC), a process on another machine that this one cannot check; if it has ended, pass "
+         "--force-unlock to take the claim over", setup=claimed(host="gpu-node-7")),
+    Case("merge-into-a-claimed-folder", ("merge", "{copy}"), 2,
+         f"error: --out: {{copy}}/merged is in use by {HELD}; {WAIT}", setup=claimed("merged", beside=True)),
+    Case("export-into-a-claimed-folder", ("export", "{copy}", "--format", "adapter"), 2,
+         f"error: --out: {{copy}}/export/adapter is in use by {HELD}; {WAIT}",
+         setup=claimed("export/adapter", beside=True)),
+    Case("report-of-a-claimed-folder", ("report", "{copy}"), 2, f"error: {{copy}} is in use by {HELD}; {WAIT}",
+         setup=claimed()),
+    Case("eval-of-a-claimed-folder", ("eval", "{copy}"), 2, f"error: {{copy}} is in use by {HELD}; {WAIT}",
+         setup=claimed()),
+    # --- GGUF export: refused before anything is merged, naming the run folder
+    Case("gguf-unsupported-architecture", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}: GGUF export writes the model types llama, mistral, qwen2 (Llama-1/2/3.x, Mistral, "
+         "Qwen2/2.5); this model is 'gemma' (GemmaForCausalLM)",
+         setup=edit_yaml("recipe.yaml", lambda r: r["model"].update(name_or_path=str(BAD / "model_gemma")))),
+    Case("gguf-unsupported-rope-scaling", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}: GGUF export writes the rope scalings default, linear, llama3; this model uses 'yarn'",
+         setup=edit_yaml("recipe.yaml", lambda r: r["model"].update(name_or_path=str(BAD / "model_rope_yarn")))),
+    Case("gguf-unknown-pre-tokenizer", ("export", "{copy}", "--format", "gguf"), 2,
+         "error: {copy}/adapter/tokenizer.json: GGUF export knows the byte-level BPE pre-tokenizers of Llama-3 "
+         "(llama-bpe) and Qwen2 (qwen2); this one splits text with the expression \\s+, which llama.cpp would "
+         "not reproduce",
+         setup=edit_json("adapter/tokenizer.json", lambda t: t.update(pre_tokenizer=WHITESPACE_SPLIT_PRE_TOKENIZER))),
     Case("eval-base-changed-shape", ("eval", "{copy}"), 2,
          "re:error: {copy}/adapter: the adapter does not fit the base model "
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",
@@ -338,16 +438,25 @@ def expected_message(case: Case, places: dict[str, str]) -> re.Pattern:
     return re.compile(pattern)
 
 
+@pytest.fixture(scope="module")
+def hub():
+    server = serve_test_repos(HubServer())
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_broken_input_gives_its_message(case, request, tmp_path, monkeypatch, capsys):
     needs_run = case.setup or any("{run}" in arg or "{copy}" in arg for arg in case.args)
     finished_run = request.getfixturevalue("finished_run") if needs_run else tmp_path / "no-run"
+    for name, value in case.env:
+        monkeypatch.setenv(name, value.replace("{hub}", request.getfixturevalue("hub").url))
     monkeypatch.chdir(BAD)
     copy = tmp_path / "copy"
     if case.setup:
         shutil.copytree(finished_run, copy)
         case.setup(copy)
-    places = {"bad": str(BAD), "run": str(finished_run), "copy": str(copy)}
+    places = {"bad": str(BAD), "run": str(finished_run), "copy": str(copy), "host": socket.gethostname()}
     args = list(case.args)
     for name, value in places.items():
         args = [arg.replace("{" + name + "}", value) for arg in args]

@@ -228,3 +228,11 @@ def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter():
     resumed = rows["cpu_ddp, 1 process"][-1]
     assert "resumed from checkpoint-2: max /resumed - uninterrupted/ 0.00e+00" in resumed
     assert rows["merge on cpu"][-1].startswith("check: ")  # the merge's own logits check ran and passed
+
+
+def test_run_race_quick_ends_with_one_run_and_one_refusal(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("run_race.py", results)
+    assert "race 1: one finished run, one refusal" in out
+    assert "| 1 | 1 | 0 |" in out
+    assert "## run_race (two `finetune run` on one output.dir started together 1x" in results.read_text()

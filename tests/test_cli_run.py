@@ -1,4 +1,4 @@
-"""`finetune run` and `finetune preview` end to end, through the CLI, on the tiny LLaMA."""
+"""`finetune run` and `finetune preview` end to end, through the CLI, on the tiny LLaMA (and the family models)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,31 @@ def test_preview_text_marks_the_masked_prompt(write_recipe, capsys):
     sample_text, footer = body.rstrip().rsplit("\n\n", 1)
     assert sample_text.split("[/MASKED]", 1)[1].endswith("</s>")
     assert footer.strip() == "120 training samples; 0 dropped, 0 truncated"
+
+
+# What `finetune preview` shows of a two-turn conversation with each family's own chat template: the first
+# answer as trained, then the masked text that follows it.
+PREVIEW_TURN = {
+    "llama3": ("It is 4.<|eot_id|>", "[MASKED]<|start_header_id|>user<|end_header_id|>\n\nAnd 3 + 3?<|eot_id|>"),
+    "qwen2": ("It is 4.<|im_end|>", "[MASKED]\n<|im_start|>user\nAnd 3 + 3?<|im_end|>"),
+    "mistral": (" It is 4.</s>", "[MASKED] [INST] And 3 + 3? [/INST]"),
+}
+
+
+@pytest.mark.parametrize("family", PREVIEW_TURN)
+def test_preview_shows_each_family_template_with_its_end_of_turn_trained(
+    family, family_model_dir, write_recipe, tmp_path, capsys
+):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"conversations": ["What is 2 + 2?", "It is 4.", "And 3 + 3?", "That is 6."]}) + "\n")
+    model = {"name_or_path": str(family_model_dir(family))}
+    path = write_recipe(model=model, data={"format": "lima", "path": str(chat)})
+    assert main(["preview", str(path), "-n", "1"]) == 0
+    body = capsys.readouterr().out.split("\n", 1)[1]
+    answer, following = PREVIEW_TURN[family]
+    assert body.startswith("[MASKED]") and f"[/MASKED]{answer}{following}" in body
+    bos = {"llama3": "<|begin_of_text|>", "mistral": "<s>", "qwen2": None}[family]
+    assert (body.count(bos) == 1) if bos else ("<s>" not in body and "<|begin_of_text|>" not in body)
 
 
 def test_half_precision_on_cpu_fails_before_anything_is_written(write_recipe, tmp_path, capsys):

@@ -32,11 +32,16 @@ def eval_product(term: str) -> int:
     return result
 
 
+def as_goat_writes_it(a: int, b: int) -> str:
+    """Goat's dataset.py: `q` for an exact division, `q R r` otherwise."""
+    return f"{a // b} R {a % b}" if a % b else str(a // b)
+
+
 def test_every_answer_is_python_integer_arithmetic():
     for row in ROWS:
         op, a, b = goat.operation_of(row["input"])
         if op == "div":
-            expected = goat.UNDEFINED if b == 0 else f"{a // b} R {a % b}"
+            expected = goat.UNDEFINED if b == 0 else as_goat_writes_it(a, b)
         else:
             expected = str({"add": a + b, "sub": a - b, "mul": a * b}[op])
         assert row["answer"] == expected, row
@@ -70,7 +75,18 @@ def test_division_steps_subtract_to_the_remainder():
             assert (start, again, divisor) == (left, left, b) and chunk == divisor * multiple
             assert rest == start - chunk >= 0
             left = rest
-        assert left < b and last == f"Therefore, {a} / {b} = {a // b} R {a % b}"
+        assert left < b and last == f"Therefore, {a} / {b} = {as_goat_writes_it(a, b)}"
+
+
+def test_an_exact_division_ends_in_the_quotient_alone_as_in_goat():
+    assert goat.solution("div", 768, 2) == "768 / 2 = 384"
+    assert goat.solution("div", 769, 2) == "769 / 2 = 384 R 1"
+    assert goat.division_steps(768, 32).splitlines()[-1] == "Therefore, 768 / 32 = 24"
+    assert goat.answer("div", 0, 7) == "0" and goat.answer("div", 6, 7) == "0 R 6"
+    divisions = [row for row in ROWS if row["input"].split()[1] == "/" and row["answer"] != goat.UNDEFINED]
+    exact = [row for row in divisions if " R " not in row["answer"]]
+    assert exact and len(exact) < len(divisions)  # both forms occur
+    assert not any(row["output"].endswith(" R 0") for row in ROWS)
 
 
 def test_generation_is_deterministic_balanced_and_covers_digit_lengths_uniformly():
@@ -103,6 +119,10 @@ def test_parse_answer_reads_the_last_line():
     assert goat.parse_answer("7 * 8 = 56") == "56"
     assert goat.parse_answer("12 - 30 = -18") == "-18"
     assert goat.parse_answer("5 / 0 is undefined: division by zero") == goat.UNDEFINED
+    assert goat.parse_answer("Therefore, 768 / 32 = 24") == "24"
+    assert goat.parse_answer("Therefore, 8914 / 64 = 139 R 18") == "139 R 18"
+    assert goat.parse_answer("768 / 2 = 384 R 0") == "384"  # the form rows were once written in
+    assert goat.parse_answer("7 / 2 = 3 R 10") == "3 R 10"
     assert goat.parse_answer("I think it is about forty") is None
     assert goat.parse_answer("") is None
 
@@ -143,11 +163,24 @@ def test_a_tokenizer_that_merges_digits_is_flagged(tokenizer):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     merging = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     problem = goat.digit_split_problem(merging)
-    assert problem and "merges digits" in problem and "'8914'" in problem
+    assert problem and "merges digits: 11 of the 11 digits" in problem and "'8914'" in problem
+    assert "up to 4 digits in one token" in problem
     assert goat.digit_split_problem(tokenizer) is None  # the LLaMA-style tokenizer splits digits
     spec = DataSpec(format="goat", path=str(SAMPLE_DATA), require_digit_split=True)
     with pytest.raises(InputError, match=r"^data.require_digit_split: tokenizer .* merges digits"):
         build_datasets(spec, merging, seed=0)
+
+
+def test_llama3_digit_groups_are_flagged_and_qwen2_single_digits_pass(family_model_dir):
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.schema import ModelSpec
+
+    def problem(family):
+        return goat.digit_split_problem(load_tokenizer(ModelSpec(name_or_path=str(family_model_dir(family)))))
+
+    llama3 = problem("llama3")
+    assert llama3 is not None and re.search(r"merges digits: \d+ of the 11 digits .* up to [23] digits in one", llama3)
+    assert problem("qwen2") is None and problem("mistral") is None
 
 
 def test_a_recipe_can_generate_its_goat_rows(write_recipe, tokenizer):

@@ -132,3 +132,67 @@ def test_the_shipped_sample_conversations_all_build(template, tokenizer):
     assert data.report.rows_read == 50 and data.report.train_rows == 50 and not data.report.dropped_rows
     multi_turn = [s for s in data.train if len(trained_text(s, tokenizer)) > 1]
     assert len(multi_turn) == 10  # the ten multi-turn conversations train every answer
+
+
+# The token each family's own chat template ends an assistant turn with (the tiny LLaMA has no template of
+# its own, so LIMA's, which ends turns with EOS).
+END_OF_TURN = {"llama": "</s>", "llama3": "<|eot_id|>", "mistral": "</s>", "qwen2": "<|im_end|>"}
+
+
+def family_tokenizer(family_model_dir, family):
+    from finetune.model.load import load_tokenizer
+    from finetune.recipe.schema import ModelSpec
+
+    return load_tokenizer(ModelSpec(name_or_path=str(family_model_dir(family))))
+
+
+def trained_spans(sample) -> list[list[int]]:
+    """The ids of each run of trained tokens, in order."""
+    spans, current = [], []
+    for token, trained in zip(sample.input_ids, sample.completion_mask, strict=True):
+        if trained:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("family", sorted(END_OF_TURN))
+def test_each_family_template_trains_every_answer_through_its_end_of_turn_token(family, family_model_dir, tmp_path):
+    tokenizer = family_tokenizer(family_model_dir, family)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}])
+    [sample] = build_datasets(DataSpec(format="lima", path=str(path)), tokenizer, 0).train
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
+    spans = trained_spans(sample)
+    assert len(spans) == 2 and all(span[-1] == end for span in spans)
+    assert [tokenizer.decode(span[:-1]).strip() for span in spans] == ["It is 4.", "That is 6."]
+    if tokenizer.chat_template:  # the ids of the family's template, through the last end-of-turn token
+        ids = tokenizer.apply_chat_template(MESSAGES, tokenize=True)["input_ids"]
+        assert sample.input_ids == ids[: len(ids) - ids[::-1].index(end)]
+
+
+@pytest.mark.parametrize("family", sorted(END_OF_TURN))
+def test_no_sample_holds_bos_twice(family, family_model_dir, tmp_path):
+    tokenizer = family_tokenizer(family_model_dir, family)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}])
+    [sample] = build_datasets(DataSpec(format="lima", path=str(path)), tokenizer, 0).train
+    bos = tokenizer.bos_token_id
+    if bos is None:  # Qwen: no BOS at all, and the template writes none
+        assert tokenizer.apply_chat_template(MESSAGES, tokenize=False).startswith("<|im_start|>")
+        return
+    assert sample.input_ids[0] == bos and sample.input_ids.count(bos) == 1
+    if tokenizer.chat_template:
+        # What it guards against: the template writes BOS itself; tokenizing its text the default way adds another.
+        assert tokenizer(tokenizer.apply_chat_template(MESSAGES, tokenize=False)).input_ids[:2] == [bos, bos]
+
+
+def test_chatml_newline_after_the_end_of_turn_token_is_masked(family_model_dir, tmp_path):
+    tokenizer = family_tokenizer(family_model_dir, "qwen2")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": CONVERSATION}])
+    [sample] = build_datasets(DataSpec(format="lima", path=str(path)), tokenizer, 0).train
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    after_ends = [i + 1 for i, token in enumerate(sample.input_ids) if token == end and i + 1 < len(sample.input_ids)]
+    newline_ids = tokenizer("\n", add_special_tokens=False).input_ids
+    assert after_ends and all(sample.input_ids[i : i + len(newline_ids)] == newline_ids for i in after_ends)
+    assert all(sample.completion_mask[i] == 0 for i in after_ends)

@@ -26,6 +26,38 @@ def test_reference_solutions_score_100_percent_and_wrong_ones_zero():
     assert table.startswith("exact match 200/200 = 100.0% on test") and "mul (*)" in table
 
 
+def test_hand_made_answers_get_the_scores_counted_by_hand():
+    cases = [  # input, expected answer, what a model wrote, right?
+        ("48 + 55", "103", "48 + 55 = 103", True),
+        ("9 - 12", "-3", "9 - 12 = 3", False),
+        ("397 * 4429", "1758313", "397 * 4429\n= 1758313.", True),
+        ("768 / 2", "384", "768 / 2 = 384 R 0", True),  # the older form of an exact division
+        ("768 / 4", "192 R 0", "768 / 4 = 192", True),  # a row file written in that older form
+        ("8914 / 64", "139 R 18", "8914 - 64 * 100 = 8914 - 6400 = 2514\nTherefore, 8914 / 64 = 139 R 17", False),
+        ("8914 / 64", "139 R 18", "Therefore, 8914 / 64 = 139 R 18", True),
+        ("5 / 0", goat.UNDEFINED, "5 / 0 is undefined: division by zero", True),
+        ("6 / 7", "0 R 6", "6 / 7 = 0", False),
+    ]
+    rows = [{"input": problem, "answer": answer} for problem, answer, _, _ in cases]
+    result = score(rows, [written for _, _, written, _ in cases], "hand-made")
+    assert (result.n, result.correct, result.accuracy) == (9, 6, 6 / 9)
+    cells = {(c.op, c.a_digits, c.b_digits): (c.correct, c.n) for c in result.cells}
+    assert cells == {
+        ("add", 2, 2): (1, 1),
+        ("sub", 1, 2): (0, 1),
+        ("mul", 3, 4): (1, 1),
+        ("div", 3, 1): (2, 2),
+        ("div", 4, 2): (1, 2),
+        ("div", 1, 1): (1, 2),
+    }
+    assert [m["input"] for m in result.mistakes] == ["9 - 12", "8914 / 64", "6 / 7"]
+    assert result.mistakes[2] == {"input": "6 / 7", "expected": "0 R 6", "got": "6 / 7 = 0"}
+    table = format_table(result)
+    assert table.startswith("exact match 6/9 = 66.7% on hand-made")
+    division = table.split("div (/)")[1].split("\n\n")[0].splitlines()
+    assert division[2:] == ["    1     50%      -", "    3    100%      -", "    4       -    50%"]
+
+
 def write_report(built, tmp_path):
     """data.json as the run folder holds it."""
     path = tmp_path / "data.json"
@@ -102,7 +134,9 @@ def test_finetune_eval_scores_a_goat_run_and_writes_eval_json(write_recipe, tmp_
     assert "exact match" in out and "add (+)" in out
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["n"] == 24 and sum(cell["n"] for cell in result["cells"]) == 24
-    assert 0 <= result["accuracy"] <= 1
+    assert result["accuracy"] == result["correct"] / 24
+    assert len(result["mistakes"]) == min(20, 24 - result["correct"])
+    assert all(goat.parse_answer(m["got"]) != m["expected"] for m in result["mistakes"])
 
 
 def test_a_recipe_can_score_exact_match_at_the_end_of_training(write_recipe, tmp_path, capsys):

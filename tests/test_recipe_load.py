@@ -53,7 +53,8 @@ def test_bad_recipe_reports_every_problem_with_file_line_and_column(tmp_path):
         f"{path}:2:17: model.name_or_path: no such folder: {tmp_path}/no/such/model; "
         "give a local model folder or a hub id such as huggyllama/llama-7b",
         f"{path}:4:6: adapter.r: must be greater than 0 (got 0)",
-        f"{path}:6:11: data.format: must be one of 'alpaca', 'goat', 'lima' or 'sharegpt' (got 'alpacca'); did you mean 'alpaca'?",
+        f"{path}:6:11: data.format: must be one of 'alpaca', 'goat', 'lima' or 'sharegpt' (got 'alpacca'); "
+        "did you mean 'alpaca'?",
         f"{path}:7:9: data.path: no such file: {tmp_path}/missing.json",
         f"{path}:9:3: train.lr_warmup: unknown key; did you mean 'warmup_steps'?",
         "command line: train.epochs=three: expected a number (got 'three')",

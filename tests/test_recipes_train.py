@@ -1,5 +1,6 @@
-"""Every shipped Alpaca recipe trains a few steps on the tiny LLaMA (via overrides), and its run folder's
-adapter or model reloads with plain peft/transformers and gives the logits of the end of training."""
+"""Every shipped recipe trains a few steps on the tiny model of its family (via overrides), and its run folder's
+adapter or model reloads with plain peft/transformers and gives the logits of the end of training, to within a
+small share of how far training moved them (a reload that lost or scaled the update fails: see the last test)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from finetune.model.load import load_model, load_tokenizer
@@ -16,8 +18,17 @@ from finetune.recipe.load import load_recipe
 
 from conftest import REPO, SAMPLE_DATA
 
-# Every recipe for a real model (the quickstart has its own test), shrunk to the tiny LLaMA by overrides.
+# Every recipe for a real model (the quickstart has its own test), shrunk by overrides to the tiny model of
+# its family: the file name starts with the family of its base.
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if p.name != "quickstart.yaml")
+FAMILY_OF_PREFIX = {"llama3_": "llama3", "qwen2.5_": "qwen2", "mistral_": "mistral"}
+PROMPT = torch.tensor([[1] + list(range(20, 60))])
+# largest |reloaded - trained| logit error, as a share of how far training moved the logits (quantized or not)
+RELOAD_SHARE = {False: 1e-3, True: 1e-2}
+
+
+def family_of(recipe_name: str) -> str:
+    return next((family for prefix, family in FAMILY_OF_PREFIX.items() if recipe_name.startswith(prefix)), "llama")
 
 
 def reload_artifact(run_dir, recipe):
@@ -32,20 +43,50 @@ def reload_artifact(run_dir, recipe):
     return PeftModel.from_pretrained(base, run_dir / "adapter")
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def untrained_logits(reloaded, recipe) -> torch.Tensor:
+    """What the model gave before training: the adapter switched off, or the base a full run started from."""
+    with torch.no_grad():
+        if recipe.adapter.kind == "none":
+            return AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path)(input_ids=PROMPT).logits
+        with reloaded.disable_adapter():
+            return reloaded(input_ids=PROMPT).logits
+
+
+def assert_reproduces_training(actual, expected, untrained, recipe) -> None:
+    """The reloaded artifact gives the trained logits, to well within what training changed in them.
+
+    An absolute tolerance alone says nothing when training moved the logits by less than it; so the error is
+    held against the update's own effect too: a reload that lost the update, or scaled it, is off by about
+    all of it.
+    """
+    expected, actual = expected[:, -untrained.shape[1] :], actual[:, -untrained.shape[1] :]  # past prompt tuning's
+    effect = (expected - untrained).abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert effect > 0, "training did not change the logits: there is nothing to check the reload against"
+    assert error <= RELOAD_SHARE[recipe.quant is not None] * effect, (error, effect)
+    if recipe.quant is None:  # the same float32 weights, the same sums
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def train_shrunk(name: str, model_dir, tmp_path):
+    """A shipped recipe trained 3 steps on a tiny model (`model_dir`): the run's result."""
     data = load_recipe(f"recipes/{name}").data
     sample = {"alpaca": f"data.path={SAMPLE_DATA}", "lima": f"data.path={REPO / 'data' / 'lima_sample.jsonl'}"}
     overrides = [
-        f"model.name_or_path={tiny_model_dir}",
+        f"model.name_or_path={model_dir}",
         "data.goat.n=64" if data.goat is not None else sample[data.format],
         "data.max_seq_len=512",
         "train.max_steps=3",
         "train.grad_accum=2",
         f"output.dir={tmp_path / 'run'}",
     ]
-    result = run(load_recipe(f"recipes/{name}", overrides), echo=lambda _: None)
+    return run(load_recipe(f"recipes/{name}", overrides), echo=lambda _: None)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipe_trains_and_its_artifact_reloads(name, family_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = train_shrunk(name, family_model_dir(family_of(name)), tmp_path)
     run_dir = result.path
     recipe = load_recipe(run_dir / "recipe.yaml")  # the run folder alone says how to reload
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -54,15 +95,32 @@ def test_shipped_recipe_trains_and_its_artifact_reloads(name, tiny_model_dir, tm
     reloaded = reload_artifact(run_dir, recipe)
     trained = result.model
     trained.eval(), reloaded.eval()
-    prompt = torch.tensor([[1] + list(range(20, 60))])
     with torch.no_grad():
-        expected, actual = trained(input_ids=prompt).logits, reloaded(input_ids=prompt).logits
-    # SFTTrainer keeps a quantized model's adapter in bf16; peft reloads it in fp32.
-    tolerance = 5e-2 if recipe.quant else 1e-5
-    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+        expected, actual = trained(input_ids=PROMPT).logits, reloaded(input_ids=PROMPT).logits
+    assert_reproduces_training(actual, expected, untrained_logits(reloaded, recipe), recipe)
 
+    greedy = {"attention_mask": torch.ones_like(PROMPT), "max_new_tokens": 5, "do_sample": False, "use_cache": True}
     with torch.no_grad():
-        generated = reloaded.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, use_cache=True
-        )
-    assert generated.shape[1] > prompt.shape[1]
+        generated = reloaded.generate(input_ids=PROMPT, **greedy)
+        assert generated.tolist() == trained.generate(input_ids=PROMPT, **greedy).tolist()
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.0], ids=["update dropped", "update doubled"])
+def test_a_reloaded_qlora_adapter_with_a_wrong_update_fails_the_reload_check(
+    factor, tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    result = train_shrunk("alpaca_qlora.yaml", tiny_model_dir, tmp_path)
+    weights = result.path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: t * factor if "lora_B" in name else t for name, t in tensors.items()}, weights)
+    recipe = load_recipe(result.path / "recipe.yaml")
+    reloaded = reload_artifact(result.path, recipe).eval()
+    trained = result.model.eval()
+    with torch.no_grad():
+        expected, actual = trained(input_ids=PROMPT).logits, reloaded(input_ids=PROMPT).logits
+    untrained = untrained_logits(reloaded, recipe)
+    with pytest.raises(AssertionError):
+        assert_reproduces_training(actual, expected, untrained, recipe)
+    if factor == 0:  # the absolute tolerance this check replaced takes the untrained model for the trained one
+        torch.testing.assert_close(actual, expected, rtol=5e-2, atol=5e-2)

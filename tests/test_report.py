@@ -8,11 +8,14 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from finetune.cli import main
 from finetune.report import plots
 from finetune.report.html import build_report
 from finetune.run_folder import read_metrics, read_run
+
+from conftest import require
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -85,6 +88,36 @@ def test_the_summary_counts_real_and_padded_tokens_and_peak_memory(finished_run)
     assert summary["padding_share"] == pytest.approx(1 - summary["tokens_seen"] / summary["tokens_processed"], abs=1e-4)
     assert 0 < summary["padding_share"] < 1  # packing: none pads rows of different lengths to the longest
     assert summary["peak_rss_mib"] > 0 and last["peak_rss_mib"] > 0
+
+
+def test_sample_generations_are_the_greedy_answers_of_the_run_reloaded_with_plain_peft(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data.build import build_datasets
+    from finetune.recipe.load import load_recipe
+
+    recipe = load_recipe(finished_run / "recipe.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(finished_run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path)
+    model = PeftModel.from_pretrained(base, finished_run / "adapter").eval()
+    held_out = build_datasets(recipe.data, tokenizer, recipe.train.seed).eval[:2]
+    prompts = [s.input_ids[: s.completion_mask.index(1)] for s in held_out]
+    longest_reference = max(sum(s.completion_mask) for s in held_out)  # one trained span per Alpaca sample
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=min(longest_reference + 8, 96),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        expected.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+    samples = json.loads((finished_run / "samples.json").read_text())["samples"]
+    assert [sample["generated"] for sample in samples] == expected and all(expected)  # not two empty answers
 
 
 def test_samples_show_held_out_prompts_next_to_their_references(finished_run):
@@ -163,9 +196,10 @@ def test_report_of_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium")
 def test_the_report_renders_in_a_headless_browser(finished_run, tmp_path):
     from PIL import Image
+
+    require(CHROMIUM is not None, "Debian's chromium is not installed (apt-get install chromium)")
 
     shot = tmp_path / "report.png"
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,2600"]
@@ -176,3 +210,12 @@ def test_the_report_renders_in_a_headless_browser(finished_run, tmp_path):
     # drawn rows (text, axes, curves) all the way down the first screens, not a blank or error page
     rows = np.asarray(image) < 200
     assert rows[:1300].any(axis=1).mean() > 0.3 and rows[1300:].any(axis=1).mean() > 0.3
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_optional_tool_skips_the_test_but_fails_it_under_ci(ci, monkeypatch):
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="chromium is not installed"):
+        require(False, "chromium is not installed")
+    require(True, "chromium is not installed")  # present: the test goes on

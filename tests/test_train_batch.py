@@ -13,7 +13,7 @@ from finetune.errors import InputError, RecipeError
 from finetune.model.shape import read_shape
 from finetune.recipe.load import load_recipe
 from finetune.train.batch import Batch, resolve_batch, with_batch
-from finetune.train.plan import GiB, largest_micro_batch
+from finetune.train.plan import GiB, plan_memory
 
 
 def test_tokens_per_update_sets_grad_accum(write_recipe):
@@ -26,16 +26,19 @@ def test_tokens_per_update_sets_grad_accum(write_recipe):
 
 def test_auto_takes_the_largest_micro_batch_that_fits(write_recipe, tiny_model_dir):
     recipe = load_recipe(write_recipe(), ["train.micro_batch_size=auto", "train.gpu_memory=0.9GiB"])
-    shape = read_shape(str(tiny_model_dir))
-    resolved = resolve_batch(recipe, shape, device_memory=None)
-    expected = largest_micro_batch(recipe, shape, world_size=1, gpu_memory=int(0.9 * GiB))
-    assert resolved.micro_batch_size == expected and expected > 1
+    shape, memory = read_shape(str(tiny_model_dir)), int(0.9 * GiB)
+    chosen = resolve_batch(recipe, shape, device_memory=None).micro_batch_size
+    # the definition, micro-batch by micro-batch: the chosen one's plan fits 0.9 GiB, one more sample does not
+    totals = [plan_memory(recipe, shape, micro_batch_size=micro).total for micro in range(1, 1025)]
+    assert totals == sorted(totals)  # more samples never take less memory
+    assert chosen == sum(total <= memory for total in totals) > 1
+    assert totals[chosen - 1] <= memory < totals[chosen]
     more = resolve_batch(
         recipe.model_copy(update={"train": recipe.train.model_copy(update={"gpu_memory": "2GiB"})}),
         shape,
         device_memory=None,
     )
-    assert more.micro_batch_size > expected
+    assert more.micro_batch_size > chosen
 
 
 def test_auto_on_cpu_needs_a_memory_figure(write_recipe, tiny_model_dir):

@@ -5,17 +5,24 @@ writes one run folder; silent fallbacks are refused before launching."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train_resume import losses, wait_for
 
 from finetune.cli import main
 from finetune.errors import InputError
 from finetune.recipe.load import load_recipe
 from finetune.run_folder import RunDir
+from finetune.train.callbacks import HANG_AT_SAVE_ENV
+from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.launch import check_launch, read_accelerate_config
 
 from conftest import REPO
@@ -142,6 +149,28 @@ def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(write_
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "single"]  # one run folder each
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what accelerate does with an FSDP config without CUDA")
+def test_accelerate_turns_an_fsdp_launch_on_cpu_into_ddp_or_unsynchronised_processes(tiny_model_dir, tmp_path):
+    # Why FSDP cannot be tested here and is refused on CPU: accelerate 1.15 (state.py, AcceleratorState) turns
+    # ACCELERATE_USE_FSDP into DistributedType.FSDP only for MULTI_GPU and the other accelerator types; CPU
+    # processes are MULTI_CPU (gloo) with use_cpu, and DistributedType.NO without it.
+    config = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text()) | {"main_process_port": free_port()}
+    config_path = tmp_path / "fsdp.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    seen = {}
+    for device in ("cpu", "default"):
+        out = tmp_path / device
+        out.mkdir()
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path)]
+        command += [str(REPO / "tests" / "accelerate_fsdp_probe.py"), str(tiny_model_dir), str(out), device]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        seen[device] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    unsharded = {"is_fsdp_enabled": False, "sharded_parameters": 0}
+    ddp = {"distributed_type": "MULTI_CPU", "world_size": 2, "wrapper": "DistributedDataParallel"}
+    alone = {"distributed_type": "NO", "world_size": 1, "wrapper": "LlamaForCausalLM"}
+    assert seen == {"cpu": [ddp | unsharded] * 2, "default": [alone | unsharded] * 2}
+
+
 def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
     assert main(["run", str(write_recipe(train={"use_cpu": True}))]) == 2
@@ -149,3 +178,44 @@ def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, t
         capsys.readouterr().err
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(write_recipe, tmp_path):
+    config_path = tmp_path / "cpu_ddp.yaml"
+    config_path.write_text(
+        yaml.safe_dump(yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()})
+    )
+    train = {"max_steps": 6, "save_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
+    data, output = {"max_rows": 32}, {"tensorboard": False}
+    recipes = {
+        name: write_recipe(f"{name}.yaml", train=train, data=data, output=output | {"dir": str(tmp_path / name)})
+        for name in ("whole", "resumed")
+    }
+    assert main(["run", str(recipes["whole"]), "--accelerate-config", str(config_path)]) == 0
+
+    resumed = tmp_path / "resumed"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(recipes["resumed"]), "--accelerate-config", str(config_path)],
+        cwd=REPO,
+        env={**os.environ, HANG_AT_SAVE_ENV: "6"},  # checkpoint-6 is written but never marked complete
+        start_new_session=True,  # its own process group: the launcher and both training processes die together
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = resumed / "checkpoints"
+    wait_for(
+        lambda: (checkpoints / "checkpoint-3" / COMPLETE_MARKER).is_file() and (checkpoints / "checkpoint-6").is_dir(),
+        launcher,
+    )
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    assert not (resumed / "summary.json").exists() and not (resumed / "adapter").exists()  # it never finished
+
+    assert main(["run", str(recipes["resumed"]), "--accelerate-config", str(config_path), "--resume"]) == 0
+    whole, again = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in recipes)
+    assert whole.keys() == again.keys() and len(whole) > 0
+    for name in whole:
+        assert again[name].equal(whole[name]), name  # gloo all-reduce on CPU is deterministic
+    assert losses(resumed) == losses(tmp_path / "whole") and sorted(losses(resumed)) == list(range(1, 7))
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 6

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from finetune.cli import main
-from finetune.model.shape import LLAMA1_SHAPES, read_shape
+from finetune.model.shape import KNOWN_SHAPES, LLAMA1_SHAPES, read_shape, shape_from_config
 from finetune.recipe.load import load_recipe
 from finetune.train.plan import GiB, largest_micro_batch, parse_size, plan_memory
 
@@ -65,6 +65,73 @@ def test_llama_7b_shape_has_llama_7b_parameter_count(write_recipe):
     recipe = load_recipe(write_recipe(), ["model.dtype=bfloat16", "adapter={kind: none}"])
     plan = plan_memory(recipe, LLAMA1_SHAPES["7B"])
     assert plan.part("base weights") == 2 * 6_738_415_616  # the released LLaMA-7B's parameters, 2 bytes each
+
+
+# Parameter totals the model cards publish (safetensors metadata of the released weights).
+PUBLISHED_PARAMETERS = {
+    "Llama-3.1-8B": 8_030_261_248,
+    "Llama-3.1-70B": 70_553_706_496,
+    "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.2-3B": 3_212_749_824,
+    "Mistral-7B": 7_241_732_096,
+    "Qwen2.5-7B": 7_615_616_512,
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
+def test_known_shapes_have_the_published_parameter_totals(name, write_recipe):
+    assert KNOWN_SHAPES[name].parameters == PUBLISHED_PARAMETERS[name]
+    recipe = load_recipe(write_recipe(), ["model.dtype=bfloat16", "adapter={kind: none}"])
+    assert plan_memory(recipe, KNOWN_SHAPES[name]).part("base weights") == 2 * PUBLISHED_PARAMETERS[name]
+
+
+def test_published_config_files_read_as_the_known_shapes():
+    llama31_8b = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "rope_theta": 500000.0, "max_position_embeddings": 131072, "eos_token_id": 128001,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    }  # fmt: skip
+    qwen25_7b = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "tie_word_embeddings": False, "rope_theta": 1000000.0, "sliding_window": 131072,
+        "use_sliding_window": False, "max_window_layers": 28,
+    }  # fmt: skip
+    mistral_7b = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 32000, "sliding_window": 4096, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    }  # fmt: skip
+    assert shape_from_config(llama31_8b, "Llama-3.1-8B") == KNOWN_SHAPES["Llama-3.1-8B"]
+    assert shape_from_config(qwen25_7b, "Qwen2.5-7B") == KNOWN_SHAPES["Qwen2.5-7B"]
+    assert shape_from_config(mistral_7b, "Mistral-7B") == KNOWN_SHAPES["Mistral-7B"]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2"])
+def test_each_family_config_gives_its_models_parameter_count(family, family_model_dir):
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    shape = read_shape(str(family_model_dir(family)))
+    model = AutoModelForCausalLM.from_pretrained(family_model_dir(family))
+    assert shape.parameters == sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter
+    if family == "qwen2":  # what the q/k/v biases and the tie are worth: miss either and the count is off
+        assert dataclasses.replace(shape, qkv_bias=False).parameters != shape.parameters
+        assert dataclasses.replace(shape, tied_embeddings=False).parameters != shape.parameters
+
+
+@pytest.mark.parametrize("overrides", [[], ["adapter={kind: none}"]], ids=["lora", "full"])
+def test_planned_states_match_torch_tensors_on_qwen2(family_model_dir, write_recipe, overrides):
+    folder = str(family_model_dir("qwen2"))
+    recipe = load_recipe(write_recipe(model={"name_or_path": folder}), [*CPU_FP32, *overrides])
+    plan = plan_memory(recipe, read_shape(folder))
+    real = measured(recipe)
+    for part, value in [("base weights", real.base_weights), ("gradients", real.gradients)]:
+        assert plan.part(part) == pytest.approx(value, rel=0.001, abs=64), part
 
 
 def test_fsdp_shards_states_but_not_activations(write_recipe):
@@ -124,3 +191,10 @@ def test_plan_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "fits in 48.0 GiB" in done.stdout
+
+
+def test_plan_command_knows_todays_bases(capsys):
+    recipe = str(REPO / "recipes" / "alpaca_qlora.yaml")
+    assert main(["plan", recipe, "--model-params", "Llama-3.1-8B", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "Llama-3.1-8B shape" in out and "128,256 vocab" in out

@@ -1,9 +1,9 @@
 """The model card (README.md) of an exported or pushed run, written from the run folder alone.
 
 The YAML front matter is what the hub indexes: `library_name` (peft for an adapter, transformers for a
-whole model), `base_model` only when the base is a hub id (a local path means nothing to a reader of
-the hub), tags, and the hub datasets the run read. The body holds the method, the key
-hyper-parameters, the final metrics and the full resolved recipe, so the card reproduces the run.
+whole model, gguf for llama.cpp files), `base_model` only when the base is a hub id (a local path means
+nothing to a reader of the hub), tags, and the hub datasets the run read. The body holds the method, the
+key hyper-parameters, the final metrics and the full resolved recipe, so the card reproduces the run.
 """
 
 from __future__ import annotations
@@ -18,19 +18,22 @@ from finetune.model.methods import method_of, run_method_name
 from finetune.recipe.checks import looks_local
 from finetune.recipe.schema import Recipe
 
-Library = Literal["peft", "transformers"]
+Library = Literal["peft", "transformers", "gguf"]
 
 
-def write_card(run_path: Path, target: Path, *, library: Library) -> None:
+def write_card(run_path: Path, target: Path, *, library: Library, files: list[str] = ()) -> None:
     """Write the model card of the run at `run_path` to `target` (a README.md).
+
+    Args:
+        files: the GGUF files the card describes (library gguf).
 
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    target.write_text(model_card(run_path, library=library), encoding="utf-8")
+    target.write_text(model_card(run_path, library=library, files=files), encoding="utf-8")
 
 
-def model_card(run_path: Path, *, library: Library) -> str:
+def model_card(run_path: Path, *, library: Library, files: list[str] = ()) -> str:
     """The README.md text: front matter, then method, hyper-parameters, metrics and the recipe.
 
     Raises:
@@ -56,7 +59,7 @@ def model_card(run_path: Path, *, library: Library) -> str:
         "",
         "## Use",
         "",
-        usage(recipe, library),
+        gguf_usage(recipe, files) if library == "gguf" else usage(recipe, library),
         "",
         "## Recipe",
         "",
@@ -76,7 +79,7 @@ def front_matter(recipe: Recipe, library: Library) -> str:
     meta: dict = {"library_name": library}
     if is_hub_id(recipe.model.name_or_path):
         meta["base_model"] = recipe.model.name_or_path
-    meta["tags"] = ["finetune", *method_tags(recipe), *recipe.data.formats]
+    meta["tags"] = ["finetune", *method_tags(recipe), *recipe.data.formats, *(["gguf"] if library == "gguf" else [])]
     datasets = hub_datasets(recipe)
     if datasets:
         meta["datasets"] = datasets
@@ -103,10 +106,10 @@ def hub_datasets(recipe: Recipe) -> list[str]:
 def describe(recipe: Recipe, method: str, library: Library) -> str:
     base = recipe.model.name_or_path
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}` (a local folder)"
-    what = "A PEFT adapter" if library == "peft" else "A whole model"
+    what = {"peft": "A PEFT adapter", "transformers": "A whole model", "gguf": "A whole model in GGUF"}[library]
     if recipe.adapter.kind == "none":
         how = "fully fine-tuned from"
-    elif library == "transformers":
+    elif library != "peft":
         how = "with the adapter merged into the weights of"
     else:
         how = "for"
@@ -167,6 +170,35 @@ def usage(recipe: Recipe, library: Library) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")',
         ]
     return "\n".join(["```python", *code, "```"])
+
+
+def gguf_usage(recipe: Recipe, files: list[str]) -> str:
+    """How llama.cpp runs the GGUF files, prompted with the template the run trained with."""
+    name = files[0] if files else "MODEL.gguf"
+    prompt = example_prompt(recipe)
+    ask = f"-e -p {json.dumps(prompt)}" if prompt else "-cnv"  # -e: the prompt's \n are newlines
+    lines = [
+        f"With [llama.cpp](https://github.com/ggml-org/llama.cpp), from this repo ({', '.join(files) or name}):",
+        "",
+        "```bash",
+        f"llama-cli --hf-repo THIS_REPO --hf-file {name} -n 256 {ask}",
+        f"llama-cli -m {name} -n 256 {ask}   # a downloaded file",
+        f"llama-server -m {name}   # an OpenAI-compatible server on port 8080",
+        "```",
+    ]
+    if prompt:
+        lines += ["", f"The prompt is the template the model was trained with ({', '.join(recipe.data.formats)})."]
+    return "\n".join(lines)
+
+
+def example_prompt(recipe: Recipe) -> str | None:
+    """A prompt in the run's training template (None for conversations, which llama.cpp's chat mode renders,
+    and for a mix of formats)."""
+    from finetune.data.formats import FORMATS
+
+    formats = recipe.data.formats
+    format_prompt = FORMATS[formats[0]].format_prompt if len(formats) == 1 else None
+    return format_prompt("Give three tips for staying healthy.", "") if format_prompt else None
 
 
 def table(rows: list[tuple[str, object]]) -> list[str]:

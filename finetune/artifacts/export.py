@@ -21,7 +21,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError, InputError
 from finetune.model.methods import method_of
 from finetune.recipe.schema import ModelSpec, Recipe
-from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
@@ -47,23 +47,30 @@ class Export:
     whole_model: bool
 
 
-def export_adapter(run_path: str | Path, out: str | Path | None = None, *, overwrite: bool = False) -> Export:
+def export_adapter(
+    run_path: str | Path, out: str | Path | None = None, *, overwrite: bool = False, force_unlock: bool = False
+) -> Export:
     """Write the run's adapter (or, for full fine-tuning, its whole model) as a clean, loadable folder.
 
     Args:
         run_path: a finished run folder.
         out: the folder to write; default RUN_DIR/export/adapter (RUN_DIR/export/model for full fine-tuning).
         overwrite: replace a non-empty `out`.
+        force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: not a finished run folder, or `out` is not empty and `overwrite` is off.
+        InputError: not a finished run folder, or `out` is not empty and `overwrite` is off, or another
+            command has claimed `out`.
     """
+    from finetune.lock import claim
+
     run = Path(run_path)
-    recipe = read_recipe(run)
+    recipe = read_trained_recipe(run)
     whole_model = recipe.adapter.kind == "none"
     target = Path(out) if out is not None else run / "export" / ("model" if whole_model else "adapter")
-    claim_folder(target, overwrite=overwrite, key="--out", protect=RunDir(run))
-    files = write_folder(target, lambda folder: fill_export(run, recipe, folder))
+    with claim(target, subject="--out", beside=True, force_unlock=force_unlock):
+        claim_folder(target, overwrite=overwrite, key="--out", protect=RunDir(run))
+        files = write_folder(target, lambda folder: fill_export(run, recipe, folder))
     return Export(target, files, whole_model)
 
 

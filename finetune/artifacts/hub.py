@@ -1,9 +1,12 @@
-"""`finetune push RUN_DIR --repo-id NAME`: upload a run's adapter (or merged model) to a Hugging Face hub.
+"""`finetune push RUN_DIR --repo-id NAME`: upload a run's adapter (or merged model, or GGUF file) to a hub.
 
 What is uploaded is built first, in a temporary folder, and uploaded with an allow list of exactly
-its files: the adapter export (`finetune.artifacts.export`) by default, or RUN_DIR/merged with our
-card and the recipe. The card is ours (`PeftModel.push_to_hub` would replace it with a generic one).
-An adapter push refuses base-weight files outright, so a base model is never published by accident.
+its files: the adapter export (`finetune.artifacts.export`) by default, RUN_DIR/merged with our card
+and the recipe, or with `gguf` the run's exported GGUF files with a card saying how llama.cpp runs
+them. The card is ours (`PeftModel.push_to_hub` would replace it with a generic one). An adapter push
+refuses base-weight files outright (a GGUF file is a whole model too), so a base model is never
+published by accident. huggingface_hub sends weights by the LFS protocol and skips files the branch
+already holds unchanged, so pushing the same run twice uploads nothing the second time.
 
 The endpoint is HF_ENDPOINT (read when the command runs); the token is HF_TOKEN or the saved login
 (huggingface_hub's `get_token`). The token is passed to `HfApi` only: never printed, logged or written.
@@ -42,17 +45,19 @@ def push(
     repo_id: str,
     *,
     merged: bool = False,
+    gguf: bool = False,
     private: bool = False,
     revision: str | None = None,
     dry_run: bool = False,
     echo: Echo = print,
 ) -> str | None:
-    """Upload the run's adapter export (or, with `merged`, RUN_DIR/merged) to the hub repo `repo_id`.
+    """Upload the run's adapter export (with `merged`, RUN_DIR/merged; with `gguf`, its GGUF files) to `repo_id`.
 
     Args:
         run_path: a finished run folder.
         repo_id: `namespace/name` (or `name`, in the token's own namespace); created if missing.
         merged: upload RUN_DIR/merged (written by `finetune merge`) instead of the adapter.
+        gguf: upload RUN_DIR/model-*.gguf (written by `finetune export --format gguf`) instead of the adapter.
         private: create the repo private (an existing repo keeps its visibility).
         revision: the branch to commit to, created from the default branch if missing; default main.
         dry_run: list the files and sizes, and upload nothing (no token needed).
@@ -61,21 +66,27 @@ def push(
         The commit URL, or None for a dry run.
 
     Raises:
-        InputError: bad repo id, not a finished run, no merged/ folder, or no token.
+        InputError: bad repo id, not a finished run, no merged/ folder or GGUF file, or no token.
         FinetuneError: the hub refused the upload, or base weights would be uploaded with an adapter.
     """
-    from finetune.run_folder import read_recipe
+    from finetune.run_folder import read_trained_recipe
 
     run = Path(run_path)
     if not REPO_ID.match(repo_id):
         raise InputError(f"--repo-id: {repo_id!r} is not a repo id (namespace/name)")
-    recipe = read_recipe(run)
+    recipe = read_trained_recipe(run)
     token = None if dry_run else require_token()
     with tempfile.TemporaryDirectory(prefix="finetune-push-") as staging:
-        upload = stage(run, recipe, Path(staging) / "upload", merged=merged)
+        upload = stage(run, recipe, Path(staging) / "upload", merged=merged, gguf=gguf)
         echo(f"{upload.what} of {run} -> {repo_id} (branch {revision or 'main'}):")
         for line in format_files(upload.files):
             echo(line)
+        left_out = [path.name for path in gguf_files(run)] if not gguf else []
+        if left_out:
+            echo(
+                f"not uploaded: {', '.join(left_out)}: a GGUF file is a whole model, pushed on its own with "
+                f"`finetune push {run} --repo-id NAME --gguf`"
+            )
         if dry_run:
             echo("dry run: nothing uploaded")
             return None
@@ -101,15 +112,18 @@ def require_token() -> str:
     return token
 
 
-def stage(run: Path, recipe: Recipe, folder: Path, *, merged: bool) -> Upload:
+def stage(run: Path, recipe: Recipe, folder: Path, *, merged: bool, gguf: bool = False) -> Upload:
     """Build what the push uploads in `folder` (created here).
 
     Raises:
-        InputError: `merged` without RUN_DIR/merged, or with a full fine-tuning run.
+        InputError: `merged` without RUN_DIR/merged, or with a full fine-tuning run; `gguf` without a GGUF file.
         FinetuneError: base weights in an adapter upload.
     """
     folder.mkdir(parents=True)
-    if not merged:
+    if gguf:
+        stage_gguf(run, folder)
+        what = "GGUF model"
+    elif not merged:
         fill_export(run, recipe, folder)
         what = "whole model (full fine-tuning)" if recipe.adapter.kind == "none" else "adapter"
         if what == "adapter":
@@ -135,12 +149,40 @@ def stage_merged(run: Path, recipe: Recipe, folder: Path) -> None:
         raise InputError(f"{run}: has no merged model (merged/config.json); run `finetune merge {run}` first")
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.name not in ("README.md", "recipe.yaml"):
-            try:
-                os.link(path, folder / path.name)
-            except OSError:
-                shutil.copyfile(path, folder / path.name)
+            link_or_copy(path, folder / path.name)
     write_card(run, folder / "README.md", library="transformers")
     shutil.copyfile(run / "recipe.yaml", folder / "recipe.yaml")
+
+
+def stage_gguf(run: Path, folder: Path) -> None:
+    """The run's GGUF files (RUN_DIR/*.gguf), a card saying how llama.cpp runs them, and the recipe.
+
+    Raises:
+        InputError: the run folder holds no GGUF file.
+    """
+    from finetune.artifacts.card import write_card
+
+    files = gguf_files(run)
+    if not files:
+        raise InputError(
+            f"{run}: has no GGUF file (model-TYPE.gguf); run `finetune export {run} --format gguf` first"
+        )
+    for path in files:
+        link_or_copy(path, folder / path.name)
+    write_card(run, folder / "README.md", library="gguf", files=[path.name for path in files])
+    shutil.copyfile(run / "recipe.yaml", folder / "recipe.yaml")
+
+
+def gguf_files(run: Path) -> list[Path]:
+    return sorted(path for path in run.glob("*.gguf") if path.is_file())
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (weights are large), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def refuse_base_weights(folder: Path) -> None:

@@ -6,8 +6,14 @@ with its update (read by the adapter kind's method, `model/methods/`) and writte
 read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
 where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
 when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
-tokenizer. It is written to `OUT.partial`, checked (see
-`artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
+tokenizer. Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
+merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
+a merge that fails leaves nothing that looks usable.
+
+A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
+the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
+(LoRA on embed_tokens, or either in modules_to_save), the adapter model's input embedding and output head
+differ, so both are written and config.json says `tie_word_embeddings: false`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, claim_folder, read_recipe, write_folder
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
+HEAD = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ def merge_run(
     device: str = "cpu",
     overwrite: bool = False,
     verify: bool = True,
+    force_unlock: bool = False,
     echo: Echo = print,
 ) -> MergeResult:
     """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
@@ -49,21 +57,44 @@ def merge_run(
     Args:
         run_path: the run folder; its recipe.yaml names the base, its adapter/ holds the adapter.
         out: folder to write (default RUN_DIR/merged).
-        dtype: bfloat16, float16 or float32; default the recipe's model.dtype resolved for `device`.
+        dtype: bfloat16, float16 or float32; default the dtype the base checkpoint stores its weights in.
         device: where the merge arithmetic (and the check) runs: cpu or cuda.
         overwrite: replace a non-empty `out`.
         verify: compare the merged model's logits with the adapter model's before keeping the result.
+        force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
-        InputError: a kind that cannot merge, no adapter, `out` not empty, base weights not found.
+        InputError: a kind that cannot merge, no adapter, `out` not empty or claimed by another command, base
+            weights not found.
         FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
     """
+    from finetune.lock import claim
+
     run_dir = RunDir(Path(run_path))
-    recipe = read_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
     target = Path(out) if out is not None else run_dir.path / "merged"
+    with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
+        return write_merge(
+            run_dir, recipe, target, overwrite=overwrite, dtype=dtype, device=device, verify=verify, echo=echo
+        )
+
+
+def write_merge(
+    run_dir: RunDir,
+    recipe: Recipe,
+    target: Path,
+    *,
+    overwrite: bool,
+    dtype: str | None,
+    device: str,
+    verify: bool,
+    echo: Echo,
+) -> MergeResult:
+    """`merge_run`, once `target` is claimed."""
     claim_folder(target, overwrite=overwrite, key="--out")
-    dtype_name = dtype or output_dtype_name(recipe, device)
+    base = base_folder(recipe)
+    dtype_name = dtype or checkpoint_dtype_name(base)
     if recipe.quant is not None:
         echo(
             f"note: this run trained on a {recipe.quant.bits}-bit quantized base; the adapter is merged into the "
@@ -72,9 +103,8 @@ def merge_run(
         )
 
     def fill(partial: Path) -> tuple[int, float | None, float | None]:
-        base = base_folder(recipe)
-        shards = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
-        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name)
+        shards, untied = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
+        write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
         if not verify:
             return shards, None, None
         from finetune.artifacts.verify import check_merged
@@ -101,11 +131,11 @@ def check_mergeable(run_dir: RunDir, recipe: Recipe) -> None:
         raise InputError(f"{run_dir.path}: has no adapter/adapter_config.json; did the run finish?")
 
 
-def output_dtype_name(recipe: Recipe, device: str) -> str:
-    """The recipe's model.dtype, `auto` resolved as training resolves it on `device`."""
-    from finetune.model.load import resolve_dtype
+def checkpoint_dtype_name(base: Path) -> str:
+    """bfloat16, float16 or float32: how the base checkpoint stores its floating tensors."""
+    from finetune.artifacts.shards import checkpoint_dtype, list_shards
 
-    return str(resolve_dtype(recipe.model.dtype, device)).removeprefix("torch.")
+    return str(checkpoint_dtype(list_shards(base))).removeprefix("torch.")
 
 
 def base_folder(recipe: Recipe) -> Path:
@@ -115,17 +145,18 @@ def base_folder(recipe: Recipe) -> Path:
     name = recipe.model.name_or_path
     if looks_local(name):
         return Path(name).expanduser().resolve()
-    from huggingface_hub import snapshot_download
+    from finetune.model.load import fetch_model
 
-    patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model"]
-    return Path(snapshot_download(name, revision=recipe.model.revision, allow_patterns=patterns))
+    return fetch_model(recipe.model).folder
 
 
 def write_merged(
     recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
-) -> int:
-    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`; returns the
-    number of shards written.
+) -> tuple[int, bool]:
+    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`.
+
+    Returns:
+        (shards written, whether a tied output head was written as a tensor of its own).
 
     Raises:
         InputError: the adapter changes a tensor the base checkpoint does not have.
@@ -144,36 +175,58 @@ def write_merged(
 
     adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
     shards = list_shards(base)
-    missing = adapter.targets - {name for shard in shards for name in shard.names}
+    embedding = untied_head_source(adapter, shards)
+    present = {name for shard in shards for name in shard.names} | ({HEAD} if embedding else set())
+    missing = adapter.targets - present
     if missing:
         raise InputError(f"{adapter_dir}: the base in {base} has no tensor {sorted(missing)[0]}; is it the right base?")
     dtype = getattr(torch, dtype_name)
     weight_map, total = {}, 0
     for shard, name in zip(shards, shard_names(len(shards)), strict=True):
+        # the tied head is written beside the embedding it was read from
+        sources = {key: key for key in shard.names} | ({HEAD: embedding} if embedding in shard.names else {})
         with ShardReader(shard.path) as reader:
-            layout = {key: _merged_layout(adapter, reader, key, dtype) for key in shard.names}
+            layout = {key: _merged_layout(adapter, reader, key, source, dtype) for key, source in sources.items()}
             with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
-                for key in shard.names:
-                    tensor = adapter.apply(key, reader.get(key).to(device))
+                for key, source in sources.items():
+                    tensor = adapter.apply(key, reader.get(source).to(device))
                     writer.write(key, tensor.to(layout[key][1]))
                     del tensor  # before the next tensor is read
             total += writer.total_size
-        weight_map |= dict.fromkeys(shard.names, name)
+        weight_map |= dict.fromkeys(sources, name)
         echo(f"merged {shard.path.name} -> {name}")
     write_index(out, weight_map, total)
-    return len(shards)
+    if embedding:
+        echo(f"the adapter changes the tied {embedding} or {HEAD}: both are written, untied")
+    return len(shards), embedding is not None
 
 
-def _merged_layout(adapter, reader, key: str, dtype) -> tuple[tuple[int, ...], object]:
-    """(shape, dtype) of a merged tensor: a replaced tensor may have a new shape (embeddings resized for added
-    tokens); floating tensors take the output dtype, integer buffers keep theirs."""
-    shape = tuple(adapter.replaced[key].shape) if key in adapter.replaced else reader.shape(key)
-    stored = reader.dtype(key)
+def untied_head_source(adapter, shards) -> str | None:
+    """The embedding tensor a tied output head must be written from, when the adapter unties the two; else None.
+
+    A checkpoint without lm_head.weight ties its head to the embedding (transformers saves a tied tensor once).
+    """
+    names = {name for shard in shards for name in shard.names}
+    embedding = next((name for name in sorted(names) if name.endswith("embed_tokens.weight")), None)
+    if HEAD in names or embedding is None:
+        return None
+    return embedding if {HEAD, embedding} & adapter.targets else None
+
+
+def _merged_layout(adapter, reader, key: str, source: str, dtype) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of merged tensor `key`, read from base tensor `source`: a replaced tensor may have a new
+    shape (embeddings resized for added tokens); floating tensors take the output dtype, integer buffers keep
+    theirs."""
+    shape = tuple(adapter.replaced[key].shape) if key in adapter.replaced else reader.shape(source)
+    stored = reader.dtype(source)
     return shape, dtype if stored.is_floating_point else stored
 
 
-def write_tokenizer_and_config(recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str) -> None:
-    """config.json (dtype, pad token, vocabulary size as merged), generation config, the run's tokenizer."""
+def write_tokenizer_and_config(
+    recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, *, untied: bool
+) -> None:
+    """config.json (dtype, pad token, vocabulary size as merged, untied head), generation config, the run's
+    tokenizer; everything else in the base's config (rope scaling, sliding window, biases) is carried as is."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from finetune.artifacts.shards import list_shards
@@ -190,6 +243,8 @@ def write_tokenizer_and_config(recipe: Recipe, adapter_dir: Path, base: Path, ou
     config = AutoConfig.from_pretrained(base, trust_remote_code=recipe.model.trust_remote_code)
     config.dtype = dtype_name
     config.pad_token_id = tokenizer.pad_token_id
+    if untied:
+        config.tie_word_embeddings = False
     embeddings = _embedding_rows(list_shards(out))
     if embeddings is not None and getattr(config, "vocab_size", embeddings) != embeddings:
         config.vocab_size = embeddings

@@ -17,6 +17,9 @@ from finetune.recipe.schema import Recipe
 # max |merged - adapter| allowed, as a share of the largest adapter logit (at least 1): float32 differs only
 # by the order of the sums; 16-bit weights are rounded once after the merge.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# ...and as a share of how far the adapter moves the base's logits: a merge that dropped the update (or
+# scaled it by 1/2 or 2) is off by 50% to 100% of that, whatever the dtype; rounding alone stays well under.
+EFFECT_SHARE = 0.2
 FALLBACK_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes it."
 
 
@@ -37,30 +40,47 @@ def check_merged(merged: Path, adapter_dir: Path, recipe: Recipe, dtype_name: st
     gc.collect()
     model = load_adapter_model(recipe, adapter_dir, dtype_name, device, tokenizer)
     adapter_logits = logits_of(model, prompts)
-    with model.disable_adapter():  # one sample is enough to show the adapter does something
-        base_logits = logits_of(model, prompts[:1])
+    with model.disable_adapter():
+        base_logits = logits_of(model, prompts)
     del model
     gc.collect()
 
-    diff = max((m - a).abs().max().item() for m, a in zip(merged_logits, adapter_logits, strict=True))
-    effect = (adapter_logits[0] - base_logits[0]).abs().max().item()
-    scale = max(a.abs().max().item() for a in adapter_logits)
-    tolerance = RELATIVE_TOLERANCE[dtype_name] * max(1.0, scale)
+    diff = largest_difference(merged_logits, adapter_logits)
+    effect = largest_difference(adapter_logits, base_logits)
+    tolerance = merge_tolerance(dtype_name, adapter_logits, effect)
     tokens = sum(len(ids) for ids in prompts)
     echo(
         f"check: {len(prompts)} training samples ({tokens} tokens): max |merged - adapter| logit difference "
-        f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype_name}); on the first, the adapter moves the base's logits "
-        f"by up to {effect:.3g}"
+        f"{diff:.3g} (tolerance {tolerance:.3g} for {dtype_name}); the adapter moves the base's logits by up to "
+        f"{effect:.3g}"
     )
     if effect == 0:
         echo("warning: the adapter does not change the base model's logits (were its B matrices ever trained?)")
     if not diff <= tolerance:  # NaN fails too
         raise FinetuneError(
             f"merge check failed: the merged model's logits differ from the adapter model's by {diff:.3g}, above "
-            f"the {dtype_name} tolerance {tolerance:.3g}; nothing was written. Try --dtype float32, or pass "
-            "--no-verify to write the merged weights unchecked"
+            f"the {dtype_name} tolerance {tolerance:.3g} ({diff / effect if effect else float('inf'):.0%} of how far "
+            f"the adapter moves the base's logits, {effect:.3g}); nothing was written. Try --dtype float32, or "
+            "pass --no-verify to write the merged weights unchecked"
         )
     return diff, tolerance
+
+
+def largest_difference(logits: list, reference: list) -> float:
+    """max |logits - reference| over all samples and positions (NaN when either holds one)."""
+    return max((a - b).abs().max().item() for a, b in zip(logits, reference, strict=True))
+
+
+def merge_tolerance(dtype_name: str, adapter_logits: list, effect: float) -> float:
+    """The largest merged-vs-adapter difference a right merge shows in `dtype_name`.
+
+    Rounding bounds it by a share of the logits' size; the adapter's own effect bounds it too, so that a
+    merge without the update (off by `effect`) fails even where rounding alone would allow that much. An
+    adapter that changes nothing (`effect` 0) has nothing to drop: rounding alone bounds it then.
+    """
+    scale = max(a.abs().max().item() for a in adapter_logits)
+    rounding = RELATIVE_TOLERANCE[dtype_name] * max(1.0, scale)
+    return min(rounding, EFFECT_SHARE * effect) if effect > 0 else rounding
 
 
 def load_adapter_model(recipe: Recipe, adapter_dir: Path, dtype_name: str, device: str, tokenizer):

@@ -1,8 +1,10 @@
 """Tokenized data cached on disk, under a key that covers everything the tokens depend on.
 
-The key hashes the source rows' fingerprint, the whole tokenizer (vocabulary, merges, normalizer,
-special tokens), the chat template, every data setting, the split seed and the finetune version, so a
-change to any of them is a miss. Entries are JSON: readable, and nothing in them runs code when loaded.
+The key hashes the source rows' fingerprint, the commits of hub datasets read, the whole tokenizer
+(vocabulary, merges, normalizer, special tokens: its content, so a tokenizer commit that changes
+nothing in it still hits), the chat template, every data setting, the split seed and the finetune
+version, so a change to any of them is a miss. Entries are JSON: readable, and nothing in them runs
+code when loaded.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ SAMPLE_FIELDS = fields(Sample)
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 # Raised whenever the same rows and settings would give different samples; older entries then miss.
-# 2: Goat rows are held out by problem.
-SAMPLES_REVISION = 2
+# 2: Goat rows are held out by problem. 3: a chat template's trained span ends at its end-of-turn token.
+SAMPLES_REVISION = 3
 
 
 def cache_dir() -> Path:
@@ -38,17 +40,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + described + specials).encode()).hexdigest()
 
 
-def cache_key(spec: DataSpec, source_sha256: str, tokenizer, template: str | None, seed: int) -> str:
+def cache_key(
+    spec: DataSpec, source_sha256: str, tokenizer, template: str | None, seed: int, commits: tuple[str, ...] = ()
+) -> str:
     parts = {
         "source": source_sha256,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template,
-        "data": spec.model_dump(mode="json"),
+        "data": settings_of(spec),
         "seed": seed,
         "finetune": __version__,
         "revision": SAMPLES_REVISION,
     }
+    if commits:  # only hub data has them: keys of local data stay as they were
+        parts["hub_commits"] = list(commits)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def settings_of(spec: DataSpec) -> dict:
+    """Every data setting but the hub revisions: the commits they resolved to are in the key instead, so a
+    branch and the commit it points at share their entries."""
+    settings = spec.model_dump(mode="json", exclude={"revision"})
+    for source in settings["sources"] or []:
+        source.pop("revision")
+    return settings
 
 
 def load(key: str) -> dict | None:

@@ -1,6 +1,9 @@
 """Read raw rows from a local JSON/JSONL file, a dataset folder or a datasets hub id.
 
 Rows keep a reference (`FILE: row N`, `FILE:LINE` for JSON lines) so any later problem names the row.
+A hub id is fetched at its revision into huggingface_hub's cache (`finetune.hub_files`; the repo's
+files but its loading scripts) and read by `datasets` from that snapshot folder, laid out as the hub
+has it (parquet under data/, JSON lines at the top, a README's `configs`), so the commit read is known.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import DataError, InputError, Problem
+from finetune.hub_files import download
 from finetune.recipe.checks import looks_local
 
 
@@ -22,10 +26,13 @@ class Rows:
     rows: list[dict]
     refs: list[str]
     sha256: str
+    hub: dict | None = None  # repo id, revision and commit of a hub dataset
 
 
-def read_rows(source: str, split: str = "train", max_rows: int | None = None) -> Rows:
-    """Read every row of `source`.
+def read_rows(
+    source: str, split: str = "train", max_rows: int | None = None, revision: str | None = None, key: str = "data.path"
+) -> Rows:
+    """Read every row of `source` (a hub id at `revision`).
 
     Raises:
         DataError: the file is not valid JSON/JSON lines or not UTF-8, naming file and line.
@@ -34,12 +41,16 @@ def read_rows(source: str, split: str = "train", max_rows: int | None = None) ->
     path = Path(source).expanduser()
     if path.is_file():
         rows = _read_json_file(path, source)
-    elif path.is_dir() or not looks_local(source):
+    elif path.is_dir():
         rows = _read_with_datasets(source, split)
+    elif not looks_local(source):
+        files = download(source, key=key, repo_type="dataset", revision=revision, ignore=["*.py", ".gitattributes"])
+        rows = _read_with_datasets(source, split, folder=str(files.folder))
+        rows = Rows(rows.name, rows.rows, rows.refs, rows.sha256, files.record())
     else:
         raise InputError(f"{source}: no such file")
     if max_rows is not None:
-        rows = Rows(rows.name, rows.rows[:max_rows], rows.refs[:max_rows], rows.sha256)
+        rows = Rows(rows.name, rows.rows[:max_rows], rows.refs[:max_rows], rows.sha256, rows.hub)
     if not rows.rows:
         raise InputError(f"{source}: no rows")
     return rows
@@ -88,16 +99,15 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[str]]:
     return rows, refs
 
 
-def _read_with_datasets(source: str, split: str) -> Rows:
+def _read_with_datasets(source: str, split: str, folder: str | None = None) -> Rows:
+    """Rows of a dataset folder (`source`, or the hub snapshot `folder` of the hub id `source`)."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
-    except Exception as e:  # datasets raises many types for "not found", "offline", "no such split"
-        raise InputError(
-            f"{source}: cannot load dataset (split {split!r}): {e.__class__.__name__}: {e}\n"
-            "A hub id needs network access or a local cache; otherwise give a local .json/.jsonl file."
-        ) from None
+        dataset = datasets.load_dataset(folder or source, split=split)
+    except Exception as e:  # datasets raises many types for "no such split", "no data files", bad files
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{source}: cannot load dataset (split {split!r}): {e.__class__.__name__}: {detail}") from None
     rows = dataset.to_list()
     refs = [f"{source} [{split}]: row {i}" for i in range(1, len(rows) + 1)]
     return Rows(source, rows, refs, dataset._fingerprint)

@@ -57,6 +57,30 @@ def resolve_chat_template(choice: str | None, tokenizer) -> tuple[str, str]:
     )
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of every special token: the named ones (BOS, EOS, ...) and the added ones marked special
+    (`<|eot_id|>`, `<|im_end|>`, which Llama-3 and Qwen tokenizers do not name)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def end_of_turn_token(tokenizer, template: str | None = None) -> str | None:
+    """The special token the chat template closes an assistant turn with (`<|eot_id|>`, `<|im_end|>`, EOS),
+    or None when the template closes it with plain text or there is no template."""
+    probe = "\u2063answer\u2063"  # invisible separators: no real answer holds this
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses the probe (or no template): no end-of-turn token to find
+        return None
+    if probe not in text:
+        return None
+    after = text[text.rindex(probe) + len(probe) :]
+    specials = tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer)))
+    starting = [token for token in specials if token and after.startswith(token)]
+    return max(starting, key=len) if starting else None
+
+
 def template_warnings(name: str, tokenizer) -> list[str]:
     """Things about the tokenizer that make the chosen template work badly."""
     if name != "chatml":
@@ -92,13 +116,24 @@ def check_turns(messages: list[dict]) -> None:
 
 
 def chat_conversation(
-    messages: list[dict], ref: str, *, render, train_on: TrainOn = "all_assistant_turns", train_on_prompt: bool = False
+    messages: list[dict],
+    ref: str,
+    *,
+    render,
+    train_on: TrainOn = "all_assistant_turns",
+    train_on_prompt: bool = False,
+    end_of_turn: str | None = None,
 ) -> Conversation:
     """Render checked messages and split them at every assistant answer: each answer (through its end-of-turn
     token) is trained, everything else masked; with `train_on: last_turn` only the final answer is trained.
 
+    What the template writes after the end-of-turn token (ChatML's newline between turns) is masked, and
+    dropped after the last answer: generation stops at that token, so the model never writes what follows.
+
     Args:
         render: `render(messages, add_generation_prompt) -> str`, the chat template.
+        end_of_turn: the special token the template closes an answer with (`end_of_turn_token`); the
+            trained span ends there.
 
     Raises:
         RowError: the template does not render each conversation prefix as a prefix of the whole (masking
@@ -112,7 +147,18 @@ def chat_conversation(
         if not prompt.startswith(done) or not through_answer.startswith(prompt):
             raise RowError("the chat template does not render a conversation prefix as a prefix of the whole")
         trained = train_on == "all_assistant_turns" or i == answers[-1]
+        answer, after = split_after(through_answer[len(prompt) :], end_of_turn)
         segments.append(Segment(prompt[len(done) :], trained=train_on_prompt))
-        segments.append(Segment(through_answer[len(prompt) :], trained=trained))
+        segments.append(Segment(answer, trained=trained))
+        if after and i != answers[-1]:  # after the last answer the conversation is over: nothing to learn
+            segments.append(Segment(after, trained=train_on_prompt))
         done = through_answer
     return Conversation(tuple(segments), row=ref, add_eos=False, whole_text=True)
+
+
+def split_after(answer: str, end_of_turn: str | None) -> tuple[str, str]:
+    """(the answer through its last `end_of_turn`, what follows); the whole answer when the token is absent."""
+    if not end_of_turn or end_of_turn not in answer:
+        return answer, ""
+    cut = answer.rindex(end_of_turn) + len(end_of_turn)
+    return answer[:cut], answer[cut:]

@@ -3,6 +3,9 @@
 Each segment is tokenized on its own and the ids are concatenated, so the mask boundary is exactly
 the segment boundary. (Tokenizing the whole text and assuming the prompt's ids are a prefix of it is
 the boundary bug of many SFT scripts: SentencePiece can merge across the join.)
+
+BOS is added only before segments tokenized on their own; a chat template's text holds the BOS the
+template writes (Llama-3's, Mistral's) and nothing is added to it, so no sample holds BOS twice.
 """
 
 from __future__ import annotations

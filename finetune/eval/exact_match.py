@@ -11,30 +11,34 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, read_recipe
+from finetune.run_folder import RunDir, read_trained_recipe
 
 Echo = Callable[[str], None]
 
 
-def evaluate(run_path: str | Path, *, n: int = 500, batch_size: int = 32, echo: Echo = print):
+def evaluate(
+    run_path: str | Path, *, n: int = 500, batch_size: int = 32, force_unlock: bool = False, echo: Echo = print
+):
     """Score a finished Goat run by exact match on held-out problems; writes eval.json into its folder.
 
     Raises:
-        InputError: not a run folder, or not a Goat run.
+        InputError: not a run folder, not a Goat run, or the folder is claimed by another command.
     """
     from finetune.eval.generate import load_trained
+    from finetune.lock import claim
     from finetune.model.load import pick_device
 
     run_dir = RunDir(Path(run_path))
-    recipe = read_recipe(run_dir.path)
+    recipe = read_trained_recipe(run_dir.path)
     formats = recipe.data.formats
     if "goat" not in formats:
         raise InputError(
             f"{run_dir.path}: finetune eval scores exact match for data.format: goat runs; this run's data.format "
             f"is {', '.join(formats)} (its eval loss is in metrics.jsonl)"
         )
-    model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
-    return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
+    with claim(run_dir.path, subject=None, force_unlock=force_unlock, echo=echo):
+        model, tokenizer = load_trained(run_dir.path, recipe, device=pick_device(recipe.train.use_cpu))
+        return score_exact_match(model, tokenizer, recipe, run_dir, n=n, batch_size=batch_size, echo=echo)
 
 
 def score_exact_match(model, tokenizer, recipe: Recipe, run_dir: RunDir, *, n: int, batch_size: int, echo: Echo):

@@ -9,7 +9,7 @@ from pathlib import Path
 from finetune.errors import InputError
 from finetune.model.methods import method_of
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, read_recipe
+from finetune.run_folder import RunDir, read_trained_recipe
 
 
 def load_trained(run_dir: Path, recipe: Recipe, *, device: str):
@@ -115,7 +115,7 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tok
         output = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            **generation_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens)),
+            **generation_kwargs(tokenizer, Sampling(max_new_tokens=max_new_tokens), stop_ids(model, tokenizer)),
         )
         completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return completions
@@ -143,13 +143,26 @@ class Sampling:
             raise InputError(f"--top-p: must be greater than 0 and at most 1 (got {self.top_p})")
 
 
-def generation_kwargs(tokenizer, sampling: Sampling) -> dict:
-    """`model.generate` arguments: stop at EOS, pad with the pad token, always use the KV cache."""
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id generation stops at: the EOS ids the model's generation config lists (Llama-3 lists
+    `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`), the tokenizer's EOS, and the token its chat template
+    ends a turn with (a base model's generation config may not list it)."""
+    from finetune.data.templates import end_of_turn_token
+
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(listed) if isinstance(listed, list | tuple) else [listed]
+    end_of_turn = end_of_turn_token(tokenizer)
+    ids += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def generation_kwargs(tokenizer, sampling: Sampling, stops: list[int]) -> dict:
+    """`model.generate` arguments: stop at any of `stops`, pad with the pad token, always use the KV cache."""
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
         use_cache=True,  # prefix-tuning cannot generate without it
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
     )
     if sampling.temperature == 0:
         return kwargs | {"do_sample": False}
@@ -176,7 +189,7 @@ def generate_one(model, tokenizer, ids: list[int], sampling: Sampling, *, stream
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             streamer=streamer,
-            **generation_kwargs(tokenizer, sampling),
+            **generation_kwargs(tokenizer, sampling, stop_ids(model, tokenizer)),
         )
     return output[0, len(ids) :].tolist()
 
@@ -200,7 +213,7 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
 
     sampling.check()
     target = Path(target)
-    recipe = read_recipe(target) if (target / "recipe.yaml").is_file() else None
+    recipe = read_trained_recipe(target) if (target / "recipe.yaml").is_file() else None
     model, tokenizer = load_target(target, recipe, device=pick_device(recipe.train.use_cpu if recipe else False))
     chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None

@@ -111,7 +111,7 @@ def fresh_problems(sources: list[SourceSpec], n: int) -> tuple[list[dict], str]:
 
 
 def score(rows: list[dict], completions: list[str], source: str) -> GoatEval:
-    """Exact match of each completion's final answer against the row's `answer`."""
+    """Exact match of each completion's final answer against the row's `answer` (`q R 0` counts as `q`)."""
     cells: dict[tuple[str, int, int], Cell] = {}
     result = GoatEval(n=len(rows), correct=0, source=source)
     for row, completion in zip(rows, completions, strict=True):
@@ -120,7 +120,7 @@ def score(rows: list[dict], completions: list[str], source: str) -> GoatEval:
         cell = cells.setdefault(key, Cell(*key))
         cell.n += 1
         predicted = goat.parse_answer(completion)
-        if predicted == row["answer"]:
+        if predicted == goat.same_as_goat(row["answer"]):
             cell.correct += 1
             result.correct += 1
         elif len(result.mistakes) < 20:

@@ -1,8 +1,9 @@
 """A model's shape (layers, widths, heads, vocabulary) from its config.json alone: no weights, no torch.
 
 The memory planner works from this. A local folder's config.json is read directly; for a hub id only
-config.json is downloaded (huggingface_hub). `LLAMA1_SHAPES` are the LLaMA-1 sizes, so a plan can be
-asked for before any model is chosen (`finetune plan --model-params 65B`).
+config.json is downloaded (huggingface_hub). Any LLaMA-architecture config reads: LLaMA-1/2, Llama-3.x,
+Mistral, Qwen2/2.5 (q/k/v biases, tied embeddings). `KNOWN_SHAPES` are published sizes, so a plan can be
+asked for before any model is chosen (`finetune plan --model-params Llama-3.1-8B`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class ModelShape:
     vocab_size: int
     head_dim: int
     tied_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2's q, k and v projections have biases
+    o_bias: bool = False  # attention_bias in a Llama config puts one on o_proj too
 
     @property
     def q_dim(self) -> int:
@@ -49,6 +52,18 @@ class ModelShape:
             "down_proj": (i, h),
         }
 
+    def layer_bias_count(self) -> int:
+        """Bias values of one decoder layer (none in LLaMA, Llama-3 or Mistral)."""
+        return (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
+
+    @property
+    def parameters(self) -> int:
+        """Every parameter, a tied embedding counted once (the figure model cards publish)."""
+        h = self.hidden_size
+        layer = sum(i * o for i, o in self.linear_shapes().values()) + 2 * h + self.layer_bias_count()
+        embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return embeddings + self.num_layers * layer + h
+
 
 def llama1(hidden: int, layers: int, intermediate: int, heads: int) -> ModelShape:
     return ModelShape(hidden, intermediate, layers, heads, heads, 32000, hidden // heads)
@@ -61,10 +76,20 @@ LLAMA1_SHAPES = {
     "33B": llama1(6656, 60, 17920, 52),
     "65B": llama1(8192, 80, 22016, 64),
 }
+# Today's bases, from their published config.json: hidden, intermediate, layers, heads, kv heads, vocab,
+# head_dim, tied embeddings, q/k/v biases. Parameter totals are checked in tests/test_train_plan.py.
+KNOWN_SHAPES = LLAMA1_SHAPES | {
+    "Llama-3.1-8B": ModelShape(4096, 14336, 32, 32, 8, 128256, 128),
+    "Llama-3.1-70B": ModelShape(8192, 28672, 80, 64, 8, 128256, 128),
+    "Llama-3.2-1B": ModelShape(2048, 8192, 16, 32, 8, 128256, 64, tied_embeddings=True),
+    "Llama-3.2-3B": ModelShape(3072, 8192, 28, 24, 8, 128256, 128, tied_embeddings=True),
+    "Mistral-7B": ModelShape(4096, 14336, 32, 32, 8, 32000, 128),
+    "Qwen2.5-7B": ModelShape(3584, 18944, 28, 28, 4, 152064, 128, qkv_bias=True),
+}
 
 
 def shape_from_config(config: dict, source: str) -> ModelShape:
-    """The shape of a transformers LLaMA-family config mapping.
+    """The shape of a transformers LLaMA-family config mapping (llama, mistral, qwen2 and their relatives).
 
     Raises:
         InputError: a size the planner needs is missing.
@@ -83,6 +108,9 @@ def shape_from_config(config: dict, source: str) -> ModelShape:
         vocab_size=config["vocab_size"],
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases (its config has no key for them); Llama's attention_bias covers o_proj too.
+        qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        o_bias=config.get("model_type") != "qwen2" and bool(config.get("attention_bias", False)),
     )
 
 
@@ -104,14 +132,10 @@ def read_shape(name_or_path: str, revision: str | None = None) -> ModelShape:
 
 
 def _download_config(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from finetune.hub_files import download
 
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"model.name_or_path: cannot fetch config.json of {repo_id!r}: {first_line}; "
-            "give a local folder or --model-params 7B|13B|33B|65B"
-        ) from None
+        files = download(repo_id, key="model.name_or_path", revision=revision, patterns=["config.json"])
+    except InputError as e:
+        raise InputError(f"{e}; or give --model-params ({', '.join(KNOWN_SHAPES)})") from None
+    return files.folder / "config.json"

@@ -1,19 +1,24 @@
-"""A tiny random-weight LLaMA with a LLaMA-style SentencePiece tokenizer, built locally from a seed.
+"""Tiny random-weight models of the families people fine-tune, each with its own tokenizer kind, built
+locally from a seed.
 
-It is what the quickstart trains and what the tests load through `from_pretrained`: every code path
-of a real LLaMA (GQA attention, RoPE, SwiGLU, byte-fallback tokenizer) at a size that trains on a
-CPU in seconds. Hidden and intermediate sizes are multiples of 64 because bitsandbytes' 4-bit CPU
-kernels need that for eval/no-grad forwards.
+They are what the quickstart trains and what the tests load through `from_pretrained`: every code path
+of the real checkpoints at a size that trains on a CPU in seconds.
+- `llama`: LLaMA-1/2 (GQA, RoPE, SwiGLU), SentencePiece with byte fallback, <unk>, no pad.
+- `llama3`: Llama-3.1 (llama3 rope scaling, theta 500000), byte-level BPE without <unk> or pad, several
+  EOS ids in generation_config.json, the chat template that writes BOS itself.
+- `mistral`: Mistral-7B (sliding window), SentencePiece, the `[INST]` template.
+- `qwen2`: Qwen2.5 (q/k/v biases, tied embeddings), byte-level BPE without BOS, ChatML.
+Hidden and intermediate sizes are multiples of 64 because bitsandbytes' 4-bit CPU kernels need that for
+eval/no-grad forwards.
 """
 
 from __future__ import annotations
 
-import io
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -30,32 +35,19 @@ class TinyShape:
     initializer_range: float = 0.1
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
-    """A LLaMA-style SentencePiece BPE model (byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no pad)."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t for t in texts if t.strip()]),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        num_threads=1,  # one thread: the same corpus gives the same vocabulary
-        minloglevel=2,
-    )
-    return model.getvalue()
+def build_tiny(
+    family: str, out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()
+) -> Path:
+    """Write a tiny model of `family` (one of FAMILIES) and its tokenizer to `out_dir`; see the builders."""
+    builders = {
+        "llama": build_tiny_llama,
+        "llama3": build_tiny_llama3,
+        "mistral": build_tiny_mistral,
+        "qwen2": build_tiny_qwen2,
+    }
+    if family not in builders:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return builders[family](out_dir, texts, seed=seed, shape=shape)
 
 
 def build_tiny_llama(
@@ -69,28 +61,115 @@ def build_tiny_llama(
         seed: seeds the weights.
         shape: model dimensions.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaConfig
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / "tokenizer.model").write_bytes(train_sentencepiece(texts, shape.vocab_size))
-        # from_pretrained on a folder, not LlamaTokenizer(vocab_file=...): the latter silently builds a
-        # 3-token vocabulary in transformers 5.
-        tokenizer = LlamaTokenizer.from_pretrained(scratch, add_bos_token=True, add_eos_token=False)
-        tokenizer.save_pretrained(out)
-        # Keep the SentencePiece model too: converters (GGUF) read the vocabulary from it.
-        shutil.copy(Path(scratch) / "tokenizer.model", out / "tokenizer.model")
-    dims = asdict(shape) | {"vocab_size": len(tokenizer)}
+    from finetune.model.tiny_tokenizers import sentencepiece_tokenizer
+
+    out = _folder(out_dir)
+    tokenizer = sentencepiece_tokenizer(texts, shape.vocab_size, out)
     config = LlamaConfig(
-        **dims,
+        **_dims(shape, tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
         rms_norm_eps=1e-6,
     )
+    return _save_model(config, out, seed)
+
+
+def build_tiny_llama3(
+    out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()
+) -> Path:
+    """Like `build_tiny_llama`, shaped as Llama-3.1: byte-level BPE tokenizer, llama3 rope scaling, and a
+    generation config that stops at `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`."""
+    from transformers import LlamaConfig
+
+    from finetune.model.tiny_tokenizers import llama3_tokenizer
+
+    out = _folder(out_dir)
+    tokenizer = llama3_tokenizer(texts, shape.vocab_size, out)
+    stops = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    config = LlamaConfig(
+        **_dims(shape, tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stops,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        # Llama-3.1's factors and theta; its pre-training context is 1/16 of its window (8192 of 131072).
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": shape.max_position_embeddings // 16,
+        },
+    )
+    return _save_model(config, out, seed)
+
+
+def build_tiny_mistral(
+    out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()
+) -> Path:
+    """A random Mistral (sliding-window attention) with a SentencePiece tokenizer and the `[INST]` template."""
+    from transformers import MistralConfig
+
+    from finetune.model.tiny_tokenizers import MISTRAL_CHAT_TEMPLATE, sentencepiece_tokenizer
+
+    out = _folder(out_dir)
+    tokenizer = sentencepiece_tokenizer(texts, shape.vocab_size, out, chat_template=MISTRAL_CHAT_TEMPLATE)
+    config = MistralConfig(
+        **_dims(shape, tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        sliding_window=4096,  # Mistral-7B-v0.1's
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return _save_model(config, out, seed)
+
+
+def build_tiny_qwen2(
+    out_dir: str | Path, texts: Iterable[str], *, seed: int = 0, shape: TinyShape = TinyShape()
+) -> Path:
+    """A random Qwen2.5 (biases on q/k/v, input and output embeddings tied) with a byte-level BPE tokenizer
+    without BOS, ChatML, and a generation config that stops at `<|im_end|>` and `<|endoftext|>`."""
+    from transformers import Qwen2Config
+
+    from finetune.model.tiny_tokenizers import qwen2_tokenizer
+
+    out = _folder(out_dir)
+    tokenizer = qwen2_tokenizer(texts, shape.vocab_size, out)
+    stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen2Config(
+        **_dims(shape, tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=stops,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+    return _save_model(config, out, seed)
+
+
+def _folder(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _dims(shape: TinyShape, tokenizer) -> dict:
+    """The shape with the vocabulary the tokenizer really has (BPE training may stop short of the target)."""
+    return asdict(shape) | {"vocab_size": len(tokenizer)}
+
+
+def _save_model(config, out: Path, seed: int) -> Path:
+    """Random weights for `config` from `seed`, saved in `out` with a generation_config.json of its BOS/EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out

@@ -25,7 +25,11 @@ class ModelSpec(Section):
         description="Hub id (e.g. huggyllama/llama-7b) or local folder holding config.json, weights and tokenizer."
     )
     tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to name_or_path.")
-    revision: str | None = Field(None, description="Hub branch, tag or commit to load; ignored for local folders.")
+    revision: str | None = Field(
+        None,
+        description="Hub branch, tag or commit of name_or_path (and of tokenizer) to load; null: the default "
+        "branch. The commits read are recorded in the run folder's environment.json; ignored for local folders.",
+    )
     dtype: DType = Field(
         "auto",
         description="Weight dtype. auto: bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU.",
@@ -198,6 +202,9 @@ class SourceSpec(Section):
     path: str | None = Field(None, description="File, dataset folder or hub id, as data.path.")
     goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of a path (format: goat).")
     split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    revision: str | None = Field(
+        None, description="Hub branch, tag or commit of a hub dataset path (default: its default branch)."
+    )
     max_rows: int | None = Field(None, gt=0, description="Use at most the first N rows of this source.")
     weight: float = Field(
         1.0,
@@ -235,6 +242,12 @@ class DataSpec(Section):
     )
     goat: GoatSpec | None = Field(None, description="Generate Goat rows in place of data.path (format: goat).")
     split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    revision: str | None = Field(
+        None,
+        description="Hub branch, tag or commit of data.path (and data.eval_path) when it is a hub dataset id; "
+        "null: the default branch. The commit read is recorded in the run folder's data.json; ignored for "
+        "local files.",
+    )
     sources: list[SourceSpec] | None = Field(
         None,
         min_length=1,

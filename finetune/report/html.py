@@ -22,6 +22,19 @@ img { max-width: 100%; } .muted { color: #777; } .status-finished { color: #1770
 """
 
 
+def write_report(run_path: str | Path, *, force_unlock: bool = False) -> Path:
+    """`finetune report RUN_DIR`: `build_report` under the run folder's claim (finetune/lock.py).
+
+    Raises:
+        InputError: not a run folder, or another command (a run still training) writes it.
+    """
+    from finetune.lock import claim
+
+    read_run(run_path)  # a folder that is no run folder is refused before anything is written to it
+    with claim(run_path, subject=None, force_unlock=force_unlock):
+        return build_report(run_path)
+
+
 def build_report(run_path: str | Path) -> Path:
     """Write DIR/plots/*.png and DIR/report.html from the run folder's files; returns the report's path."""
     run = read_run(run_path)

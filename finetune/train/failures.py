@@ -6,13 +6,21 @@ folder (a full disk, a read-only mount) becomes one message naming what failed a
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import FinetuneError, Interrupted
-from finetune.run_folder import RunDir
+from finetune.run_folder import RunDir, nearest_existing_folder
 from finetune.train.summary import stopped_summary
+
+# errno values of a write that failed for lack of space: disk full, quota exceeded, file size limit
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Under this much free space, a write that failed without saying why is taken to have filled the disk.
+LOW_SPACE = 64 * 2**20
 
 
 def train_until_stopped(trainer, run_dir: RunDir, resume_from: Path | None, stop, started: float) -> None:
@@ -60,10 +68,9 @@ def guard_writes(write: Callable[[], object], run_dir: RunDir, trainer, started:
     RuntimeError, safetensors as a SafetensorError. `saving` names the folder `write` writes, if it is known.
 
     Raises:
-        FinetuneError: the failure, explained; summary.json says the run failed.
+        FinetuneError: the failure, explained (with the free space where space is short); summary.json says the
+            run failed.
     """
-    import shutil
-
     from finetune.train.checkpoints import is_complete, scan_checkpoints
     from finetune.train.resume import resume_hint
 
@@ -77,17 +84,59 @@ def guard_writes(write: Callable[[], object], run_dir: RunDir, trainer, started:
         target = saving or (checkpoint if checkpoint.is_dir() else run_dir.path)
         run_dir.write_json(run_dir.summary, stopped_summary(error, state, time.time() - started))
         intact = scan_checkpoints(run_dir.checkpoints).complete
+        # the advice about space only where space is short: a rename onto a folder that another process
+        # wrote first (errno 39) is not a full disk
+        shortage = lack_of_space(error, run_dir.path)
+        when = "once there is room, " if shortage else ""
         kept = (
-            f"the newest complete checkpoint, {intact.name}, is intact; once there is room, resume with: "
-            f"{resume_hint(run_dir.path)}"
+            f"the newest complete checkpoint, {intact.name}, is intact; {when}resume with: {resume_hint(run_dir.path)}"
             if intact
             else "no checkpoint had been completed"
         )
-        free = shutil.disk_usage(run_dir.path).free / 2**20
         raise FinetuneError(
             f"writing {target} failed at step {state.global_step} ({type(error).__name__}: "
-            f"{_first_line(error)}); {free:.0f} MiB free there; {kept}"
+            f"{_first_line(error)}); {f'{shortage}; ' if shortage else ''}{kept}"
         ) from error
+
+
+def lack_of_space(error: BaseException, folder: Path) -> str | None:
+    """What was short when a write into `folder` failed with `error`, or None when space was not the cause.
+
+    The cause is read from the errno of an OSError in the exception chain, or from its text (safetensors
+    says "os error 28"). torch.save reports a full disk as a RuntimeError without either; such an error
+    counts as a lack of space when one is measured: little free space left, or a file size limit.
+    """
+    chain = _exception_chain(error)
+    codes = {e.errno for e in chain if isinstance(e, OSError) and e.errno}
+    codes |= {code for code in SPACE_ERRNOS for e in chain if os.strerror(code) in str(e)}
+    if codes and not codes & set(SPACE_ERRNOS):
+        return None  # an error of another kind, e.g. a rename onto a folder another process wrote
+    limit = _file_size_limit()
+    if limit is not None and (errno.EFBIG in codes or not codes):
+        return f"files may not grow past {limit:,} bytes here (ulimit -f)"
+    free = shutil.disk_usage(nearest_existing_folder(folder)).free
+    if codes or free < LOW_SPACE:
+        return f"{free / 2**20:.0f} MiB free there"
+    return None
+
+
+def _exception_chain(error: BaseException | None) -> list[BaseException]:
+    """`error`, the error it was raised from (or during), and so on."""
+    chain = []
+    while error is not None and error not in chain and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (`ulimit -f`), or None without a limit."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 def _first_line(error: BaseException) -> str:

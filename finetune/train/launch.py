@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from finetune.errors import FinetuneError, InputError
+from finetune.lock import claim
 from finetune.recipe.checks import check_fsdp
 from finetune.recipe.schema import Recipe
 from finetune.run_folder import RunDir
@@ -114,26 +115,31 @@ def launch_run(
     overwrite: bool,
     resume: bool,
     debug: bool,
+    force_unlock: bool = False,
 ) -> int:
     """Check the config and claim output.dir, then launch `finetune run` in every process; the exit status.
 
-    A refusal is printed once, before any process starts, and leaves the run folder as it was.
+    A refusal is printed once, before any process starts, and leaves the run folder as it was. The claim on
+    output.dir (finetune/lock.py) is held here, for all the processes, until the last one has ended.
 
     Raises:
-        InputError: what check_launch refuses, or an output.dir that cannot take a new run.
+        InputError: what check_launch refuses, an output.dir claimed by another command, or one that cannot
+            take a new run.
     """
     check_launch(recipe, read_accelerate_config(config_path), config_path)
-    if not resume:
-        RunDir.claim(recipe.output.dir, overwrite=overwrite)
-    flags = ["--overwrite"] * overwrite + ["--resume"] * resume + ["--debug"] * debug
-    return launch(config_path, recipe_path, [*overrides, *flags])
+    with claim(recipe.output.dir, subject="output.dir", force_unlock=force_unlock) as held:
+        if not resume:
+            RunDir.claim(recipe.output.dir, overwrite=overwrite)
+        flags = ["--overwrite"] * overwrite + ["--resume"] * resume + ["--debug"] * debug
+        return launch(config_path, recipe_path, [*overrides, *flags], environment=held.environment())
 
 
-def launch(config_path: str, recipe_path: str, arguments: list[str]) -> int:
-    """Run `accelerate launch --config_file FILE -m finetune run RECIPE ARGUMENTS`; its exit status."""
+def launch(config_path: str, recipe_path: str, arguments: list[str], *, environment: dict[str, str]) -> int:
+    """Run `accelerate launch --config_file FILE -m finetune run RECIPE ARGUMENTS` with `environment` added to
+    this process's; its exit status."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_path]
     command += ["-m", "finetune", "run", recipe_path, *arguments]
-    return subprocess.run(command).returncode
+    return subprocess.run(command, env={**os.environ, **environment}).returncode
 
 
 def check_trainer_distribution(trainer) -> None:

@@ -132,7 +132,8 @@ def quantized_linear_bytes(in_features: int, out_features: int, bits: int, doubl
 def base_weight_bytes(shape: ModelShape, setup: Setup) -> int:
     plain_bytes = 4 if setup.kbit_prepared else setup.weight_bytes
     head = 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
-    plain = shape.vocab_size * shape.hidden_size + head + (2 * shape.num_layers + 1) * shape.hidden_size
+    norms_and_biases = shape.num_layers * (2 * shape.hidden_size + shape.layer_bias_count()) + shape.hidden_size
+    plain = shape.vocab_size * shape.hidden_size + head + norms_and_biases
     if setup.bits is None:
         linear = sum(i * o for i, o in shape.linear_shapes().values()) * setup.weight_bytes
     else:

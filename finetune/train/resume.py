@@ -73,6 +73,36 @@ def check_same_data(run_dir: RunDir, fingerprint: str) -> None:
         )
 
 
+def check_same_hub_inputs(run_dir: RunDir, model_inputs: dict, data_inputs: list[dict]) -> None:
+    """The resumed run must read the hub commits the interrupted one read (environment.json, data.json).
+
+    Raises:
+        InputError: naming each input whose branch or tag now points at another commit.
+    """
+    stored_model = read_json(run_dir.environment).get("hub_inputs", {})
+    stored_data = read_json(run_dir.data).get("hub_inputs", [])
+    moved = [
+        _moved(role, stored_model[role], now)
+        for role, now in model_inputs.items()
+        if role in stored_model and stored_model[role]["commit"] != now["commit"]
+    ]
+    moved += [
+        _moved("dataset", before, now)
+        for before, now in zip(stored_data, data_inputs, strict=False)
+        if before["commit"] != now["commit"]
+    ]
+    if moved:
+        raise InputError(
+            f"--resume: hub inputs moved since the interrupted run: {'; '.join(moved)}; a resumed run must train "
+            "on what the interrupted one read (start a new run in another output.dir)"
+        )
+
+
+def _moved(role: str, before: dict, now: dict) -> str:
+    revision = f" ({now['revision']})" if now.get("revision") else ""
+    return f"{role} {now['repo_id']}{revision} was at commit {before['commit']}, now {now['commit']}"
+
+
 def prepare_for_resume(run_dir: RunDir, checkpoints: Checkpoints, echo) -> None:
     """Drop what the steps after the checkpoint left behind: their metrics and any unfinished checkpoint."""
     for folder in checkpoints.incomplete:

@@ -17,6 +17,13 @@ learn (chain of thought). The instruction phrasings are this project's own.
 2514 - 64 * 30 = 2514 - 1920 = 594
 594 - 64 * 9 = 594 - 576 = 18
 Therefore, 8914 / 64 = 139 R 18
+
+As in Goat's own data, a division with no remainder ends in the quotient alone:
+
+>>> print(division_steps(768, 32))
+768 - 32 * 20 = 768 - 640 = 128
+128 - 32 * 4 = 128 - 128 = 0
+Therefore, 768 / 32 = 24
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def digits(n: int) -> int:
 
 
 def answer(op: str, a: int, b: int) -> str:
-    """The exact answer, as the model must write it: an integer, `q R r`, or `undefined`."""
+    """The exact answer, as the model must write it: an integer, `q R r` (`q` when r is 0), or `undefined`."""
     if op == "add":
         return str(a + b)
     if op == "sub":
@@ -79,8 +86,12 @@ def answer(op: str, a: int, b: int) -> str:
         return str(a * b)
     if b == 0:
         return UNDEFINED
-    quotient, remainder = divmod(a, b)
-    return f"{quotient} R {remainder}"
+    return quotient_text(*divmod(a, b))
+
+
+def quotient_text(quotient: int, remainder: int) -> str:
+    """`139 R 18`, or `384` for an exact division, as Goat writes them."""
+    return f"{quotient} R {remainder}" if remainder else str(quotient)
 
 
 def place_value_terms(n: int) -> list[int]:
@@ -117,7 +128,7 @@ def division_steps(a: int, b: int) -> str:
         lines.append(f"{left} - {b} * {digit * scale} = {left} - {chunk} = {left - chunk}")
         left -= chunk
         quotient += digit * scale
-    lines.append(f"Therefore, {a} / {b} = {quotient} R {left}")
+    lines.append(f"Therefore, {a} / {b} = {quotient_text(quotient, left)}")
     return "\n".join(lines)
 
 
@@ -183,17 +194,28 @@ def generate(n: int, seed: int, ops: tuple[str, ...] = OPERATIONS, limits: Limit
 
 
 def digit_split_problem(tokenizer) -> str | None:
-    """Why this tokenizer makes arithmetic hard, or None when it writes one digit per token.
+    """Why this tokenizer makes arithmetic hard, with the numbers, or None when it writes one digit per token.
 
     Goat's finding: LLaMA learns arithmetic because its tokenizer splits numbers into single digits,
-    so the same digit is always the same token; tokenizers that merge digit runs do not give that.
+    so the same digit is always the same token; tokenizers that merge digit runs do not give that
+    (Llama-3's byte-level BPE groups up to three digits; Qwen2's and LLaMA's SentencePiece split them).
     """
     example = "8914 / 64 = 139 R 18"
-    merged = [piece for piece in tokenizer.tokenize(example) if sum(c.isdigit() for c in piece) > 1]
+    pieces = [tokenizer.convert_tokens_to_string([piece]).strip() for piece in tokenizer.tokenize(example)]
+    merged = [piece for piece in pieces if _digit_count(piece) > 1]
     if not merged:
         return None
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    return f"tokenizer {name} merges digits ({example!r} -> pieces {merged}); Goat relies on one digit per token"
+    grouped, total = sum(map(_digit_count, merged)), _digit_count(example)
+    widest = max(map(_digit_count, merged))
+    return (
+        f"tokenizer {name} merges digits: {grouped} of the {total} digits of {example!r} share a token with "
+        f"another digit (pieces {merged}, up to {widest} digits in one token); Goat relies on one digit per token"
+    )
+
+
+def _digit_count(text: str) -> int:
+    return sum(c.isdigit() for c in text)
 
 
 def generate_from_spec(spec: GoatSpec) -> Iterator[dict]:
@@ -238,10 +260,15 @@ _FINAL = re.compile(r"(-?\d+(?: R \d+)?|undefined)\s*$")
 def parse_answer(text: str) -> str | None:
     """The final answer a model wrote: the number (or `q R r`, or `undefined`) at the end of its last line.
 
+    `q R 0` reads as `q`, so a model trained on rows written before exact divisions ended in `q` is not
+    marked wrong for a right answer.
+
     >>> parse_answer("8914 - 64 * 100 = ...\\nTherefore, 8914 / 64 = 139 R 18")
     '139 R 18'
     >>> parse_answer("12 + 30 = 42")
     '42'
+    >>> parse_answer("768 / 2 = 384 R 0")
+    '384'
     """
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
@@ -250,7 +277,12 @@ def parse_answer(text: str) -> str | None:
     if last.endswith("division by zero"):
         return UNDEFINED
     match = _FINAL.search(last)
-    return match.group(1) if match else None
+    return same_as_goat(match.group(1)) if match else None
+
+
+def same_as_goat(answer: str) -> str:
+    """An answer as Goat writes it: `384 R 0` (how rows were once written) -> `384`."""
+    return answer.removesuffix(" R 0")
 
 
 def operation_of(expression: str) -> tuple[str, int, int] | None:

@@ -39,15 +39,25 @@ def to_messages(row: dict) -> list[dict]:
 
 
 def to_conversation(
-    row: dict, ref: str, *, render, train_on: TrainOn = "all_assistant_turns", train_on_prompt: bool = False
+    row: dict,
+    ref: str,
+    *,
+    render,
+    train_on: TrainOn = "all_assistant_turns",
+    train_on_prompt: bool = False,
+    end_of_turn: str | None = None,
 ) -> Conversation:
     """Render the conversation with the chat template and split it at every assistant answer.
 
     Args:
         render: `render(messages, add_generation_prompt) -> str`, the chat template.
+        end_of_turn: the special token the template closes an answer with (see `chat_conversation`).
 
     Raises:
         RowError: the row's turns are malformed, or the template does not render each conversation prefix
             as a prefix of the whole (masking could not be decided exactly).
     """
-    return chat_conversation(to_messages(row), ref, render=render, train_on=train_on, train_on_prompt=train_on_prompt)
+    messages = to_messages(row)
+    return chat_conversation(
+        messages, ref, render=render, train_on=train_on, train_on_prompt=train_on_prompt, end_of_turn=end_of_turn
+    )

@@ -45,11 +45,20 @@ def to_message(turn, number: int) -> dict:
 
 
 def to_conversation(
-    row: dict, ref: str, *, render, train_on: TrainOn = "all_assistant_turns", train_on_prompt: bool = False
+    row: dict,
+    ref: str,
+    *,
+    render,
+    train_on: TrainOn = "all_assistant_turns",
+    train_on_prompt: bool = False,
+    end_of_turn: str | None = None,
 ) -> Conversation:
     """Render the conversation with the chat template and split it at every assistant answer.
 
     Raises:
         RowError: the row's turns are malformed (see `to_messages`), or the template cannot be masked exactly.
     """
-    return chat_conversation(to_messages(row), ref, render=render, train_on=train_on, train_on_prompt=train_on_prompt)
+    messages = to_messages(row)
+    return chat_conversation(
+        messages, ref, render=render, train_on=train_on, train_on_prompt=train_on_prompt, end_of_turn=end_of_turn
+    )

@@ -9,10 +9,12 @@ from finetune.recipe.schema import FullSpec, Recipe
 
 
 def trainable_tensors(spec: FullSpec, shape, setup) -> Tensors:
-    """Every linear weight, norm and embedding (the output head too when it is not tied), in the weight dtype."""
+    """Every linear weight, bias, norm and embedding (the output head too when it is not tied), in the weight dtype."""
     h, layers = shape.hidden_size, shape.num_layers
     tensors = [i * o for i, o in shape.linear_shapes().values()] * layers
     tensors += [h] * (2 * layers + 1) + [shape.vocab_size * h] * (1 if shape.tied_embeddings else 2)
+    if shape.layer_bias_count():  # Qwen2's q/k/v biases
+        tensors += [shape.layer_bias_count()] * layers
     return [(n, setup.weight_bytes) for n in tensors]
 
 

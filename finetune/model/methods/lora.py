@@ -59,9 +59,15 @@ class Adapter:
         return set(self.low_rank) | set(self.replaced) | biases
 
     def apply(self, name: str, tensor):
-        """The merged value of base tensor `name` (float32 when changed, the input as is otherwise)."""
+        """The merged value of base tensor `name` (float32 when changed, the input as is otherwise).
+
+        A saved tensor takes the base's place first: peft saves an embedding or output layer's base weight
+        beside its LoRA pair (`save_embedding_layers`), and the update applies on top of it.
+        """
         if name in self.replaced:
-            return self.replaced[name].float()
+            tensor = self.replaced[name]
+            if name not in self.low_rank:
+                return tensor.float()
         if name in self.low_rank:
             return _merge_weight(tensor.float(), self.low_rank[name])
         weight = name.removesuffix(".bias") + ".weight"
