@@ -51,7 +51,8 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
 
-    header = f"## cli_latency ({runs} fresh processes each)\n\n{machine_line('pydantic')}\n\n"
+    command = "python benchmarks/cli_latency.py" + (" --quick" if args.quick else "")
+    header = f"## cli_latency ({runs} fresh processes each; `{command}`)\n\n{machine_line('pydantic')}\n\n"
     write_section(args.results, "cli_latency", header + table + "\n")
 
 

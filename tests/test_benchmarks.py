@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
 
 
 def run_quick(script: str, results) -> str:
@@ -38,18 +45,86 @@ def test_methods_quick_reports_each_method(tmp_path):
     assert "## methods (3 steps" in results.read_text()
 
 
+def table_cells(out: str, header: str) -> dict[str, list[str]]:
+    """Rows of the markdown table whose header row starts with `| header |`, by first cell."""
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(f"| {header} |"))
+    rows = {}
+    for line in lines[first + 2 :]:
+        if not line.startswith("| "):
+            break
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        rows[cells[0] if header == "setup" else " / ".join(cells[:2])] = cells[1:] if header == "setup" else cells[2:]
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
 def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = run_quick("train_throughput.py", results)
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"finetune", "trl defaults", "alpaca-lora"}
-    for name in ("finetune", "trl defaults", "alpaca-lora"):
-        real, padding, seconds, tokens_per_s, ratio, eval_loss = (cell.strip() for cell in rows[name])
-        assert int(real.replace(",", "")) > 0 and 0 <= float(padding.rstrip("%")) < 100
-        assert float(seconds) > 0 and float(tokens_per_s) > 0 and float(eval_loss) > 0
-    assert rows["finetune"][4].strip() == "1.00"
-    assert "x trl defaults" in out and "x alpaca-lora" in out
-    assert "## train_throughput (3 steps" in results.read_text()
+    rows = table_cells(out, "setup")
+    assert list(rows) == ["finetune", "trl defaults", "alpaca-lora"]
+    figures = {}
+    for name, cells in rows.items():
+        real, trained, padding, seconds, median, spread, relative, eval_loss = cells
+        slowest, fastest = (float(x) for x in spread.split("-"))
+        assert slowest <= number(median) <= fastest  # a median of the rounds lies within their spread
+        assert 0 < number(trained) <= number(real) and number(eval_loss) > 0
+        figures[name] = (number(median), number(relative), number(padding))
+    ours = figures["finetune"][0]
+    for name, (median, relative, _) in figures.items():
+        assert abs(relative - median / ours) < 0.01  # the x finetune column is the medians' ratio
+    assert figures["finetune"][2] == 0 and figures["trl defaults"][2] > 0  # padding-free vs padded batches
+    for baseline in ("trl defaults", "alpaca-lora"):
+        stated = out.split(f"- finetune / {baseline}: ")[1].split("x")[0]
+        assert abs(float(stated) - ours / figures[baseline][0]) < 0.01  # the ratio line matches the table
+    text = results.read_text()
+    assert "median of 2 interleaved rounds" in text and "## train_throughput, tiny model (2 steps" in text
+
+
+def test_train_window_counts_real_and_trained_tokens_of_padded_and_padding_free_batches():
+    """Hand-made batches: padding is told by attention_mask; a padding-free row has none and no padding."""
+    import torch
+
+    from train_window import CountingCollator
+
+    padded = {
+        "input_ids": torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "labels": torch.tensor([[-100, 6, 7, -100], [-100, 6, -100, -100]]),
+    }
+    padding_free = {
+        "input_ids": torch.tensor([[5, 6, 7, 5, 6]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+        "labels": torch.tensor([[-100, 6, 7, -100, 6]]),
+    }
+    for batch, (processed, real, trained) in ((padded, (8, 5, 3)), (padding_free, (5, 5, 3))):
+        counter = CountingCollator(lambda features, batch=batch: batch)
+        counter([])  # not counting yet: outside the training window
+        counter.counting = True
+        counter([])
+        assert (counter.processed, counter.real, counter.trained) == (processed, real, trained)
+
+
+def test_vocab_memory_quick_compares_peaks_with_trl(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("vocab_memory.py", results)
+    rows = table_cells(out, "vocabulary")
+    assert set(rows) == {"8,192 / trl padding_free", "8,192 / finetune", "8,192 / finetune, TRL's loss head"}
+    trl = rows["8,192 / trl padding_free"]
+    for cells in rows.values():
+        resident, peak, largest, relative, tokens_per_s, speed = (number(c) for c in cells)
+        assert abs(relative - peak / number(trl[1])) < 0.01 and abs(speed - tokens_per_s / number(trl[4])) < 0.01
+        assert 0 < largest <= peak
+    ours = rows["8,192 / finetune"]
+    # TRL's head allocates 32,768-wide tiles whatever the vocabulary; finetune's tiles stay within 32 MiB
+    assert number(ours[2]) <= 32 < number(trl[2])
+    stated = out.split("finetune's step peak is ")[1].split("x")[0]
+    assert abs(float(stated) - number(ours[1]) / number(trl[1])) < 0.01
+    assert "## vocab_memory (" in results.read_text()
 
 
 def test_plan_accuracy_quick_compares_prediction_with_tensors(tmp_path):
@@ -127,6 +202,32 @@ def test_preprocess_quick_times_cold_and_cache_hit(tmp_path):
     assert float(rows["cache hit"][2]) < float(rows["cold"][2])
     assert "x the cold rows/s" in out
     assert "## preprocess (" in results.read_text()
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import torch
+
+    assert not torch.cuda.is_available()  # this suite runs on CPU; the GPU run is `python benchmarks/gpu_check.py`
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("gpu_check needs CUDA, and this machine has none: nothing was run.")
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter():
+    command = [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke"]
+    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    table = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| "))
+    rows = {cells[0]: cells[1:] for cells in table}
+    checks = ["lora", "qlora nf4", "qlora nf4, paged_adamw_32bit", "cpu_ddp, 1 process", "merge on cpu"]
+    assert [name for name in rows if name != "check" and not name.startswith("---")] == checks
+    assert all(rows[name][0] == "ok" for name in checks)
+    for name in checks[:3]:
+        assert float(rows[name][1]) > 0 and float(rows[name][3]) > 0  # tokens/s and the plan's figure
+    resumed = rows["cpu_ddp, 1 process"][-1]
+    assert "resumed from checkpoint-2: max /resumed - uninterrupted/ 0.00e+00" in resumed
+    assert rows["merge on cpu"][-1].startswith("check: ")  # the merge's own logits check ran and passed
 
 
 def test_run_race_quick_ends_with_one_run_and_one_refusal(tmp_path):

@@ -153,10 +153,18 @@ def test_activations_follow_checkpointing_attention_and_batch(write_recipe):
 
 
 def test_qlora_65b_fits_48gib_at_micro_batch_1():
-    recipe = load_recipe(REPO / "recipes" / "alpaca_qlora.yaml", ["train.micro_batch_size=1"])
-    assert plan_memory(recipe, LLAMA1_SHAPES["65B"], gpu_memory=48 * GiB).fits
-    assert largest_micro_batch(recipe, LLAMA1_SHAPES["65B"], world_size=1, gpu_memory=48 * GiB) == 1
-    assert not plan_memory(recipe, LLAMA1_SHAPES["65B"], gpu_memory=48 * GiB, micro_batch_size=4).fits
+    """The QLoRA paper's claim, with whole logits; the chunked loss's tiles leave room for a second sample."""
+    path = REPO / "recipes" / "alpaca_qlora.yaml"
+    recipe = load_recipe(path, ["train.micro_batch_size=1"])
+    whole = load_recipe(path, ["train.micro_batch_size=1", "train.loss_chunk_mib=null"])
+    for plan_recipe, largest in ((whole, 1), (recipe, 2)):
+        assert plan_memory(plan_recipe, LLAMA1_SHAPES["65B"], gpu_memory=48 * GiB).fits
+        assert largest_micro_batch(plan_recipe, LLAMA1_SHAPES["65B"], world_size=1, gpu_memory=48 * GiB) == largest
+        assert not plan_memory(plan_recipe, LLAMA1_SHAPES["65B"], gpu_memory=48 * GiB, micro_batch_size=4).fits
+    tiles = plan_memory(recipe, LLAMA1_SHAPES["65B"]).parts
+    logits = {part.name: part.bytes for part in tiles}["logits"]
+    # one tile of the sample's tokens x 8,192 entries: its bf16 matmul output, float32 logits and exponentials
+    assert logits == recipe.data.max_seq_len * 8192 * (2 + 4 + 4)
 
 
 def test_plan_command_says_what_to_change(write_recipe, capsys):

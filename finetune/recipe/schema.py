@@ -367,6 +367,16 @@ class TrainSpec(Section):
         description="Recompute activations in the backward pass: much less memory, about 30% slower. "
         "null: on, except for prefix-tuning, which cannot run with it.",
     )
+    loss_chunk_mib: int | None = Field(
+        32,
+        gt=0,
+        le=4096,
+        description="Compute the loss from the last hidden states in float32 logits tiles of at most this many MiB "
+        "(up to 8,192 vocabulary entries wide), recomputed in the backward pass, scoring only the labelled tokens: "
+        "the tokens x vocabulary logits are never held whole (at Llama-3's 128K vocabulary they are a LoRA step's "
+        "largest tensor). Equal in loss and gradients to the plain computation. null: TRL's own fused head (tiles "
+        "of up to 4,096 tokens x 32,768 entries, prompt tokens scored too where Triton is missing).",
+    )
     seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
     logging_steps: int = Field(10, gt=0, description="Log train loss and learning rate every N optimizer steps.")
     eval_steps: int = Field(200, gt=0, description="Compute eval loss every N optimizer steps (and at the end).")

@@ -15,9 +15,9 @@ Pure arithmetic (no torch): `finetune plan` answers instantly. The parts, per GP
   CPU memory; SGD none.
 - activations: what autograd keeps for the backward pass, per token and layer, from the hidden,
   intermediate, head and kv sizes (eager attention also keeps seq x seq scores per head), or with
-  checkpointing each layer's input plus one layer recomputed; and the logits (compute dtype, a
-  float32 log-softmax and its gradient: batch x seq x vocab x 14 bytes in bf16, often the largest
-  single tensor).
+  checkpointing each layer's input plus one layer recomputed; and the logits: with train.loss_chunk_mib
+  one tile of them (finetune/train/loss.py), else whole (compute dtype, a float32 log-softmax and its
+  gradient: batch x seq x vocab x 14 bytes in bf16, often the largest single tensor).
 - overhead: the CUDA context (0.75 GiB, not seen by torch.cuda.max_memory_allocated) and 5% of the
   per-step tensors (activations, logits, gradients) for allocator fragmentation.
 
@@ -188,9 +188,20 @@ def activation_bytes(recipe: Recipe, shape: ModelShape, setup: Setup, micro_batc
     return layers
 
 
-def logits_bytes(shape: ModelShape, setup: Setup, micro_batch: int, seq_len: int) -> int:
-    # logits in compute dtype, the float32 log-softmax kept for backward, and its float32 gradient
-    return micro_batch * seq_len * shape.vocab_size * (setup.compute_bytes + 4 + 4 + 4)
+def logits_part(recipe: Recipe, shape: ModelShape, setup: Setup, micro_batch: int, seq_len: int) -> Part:
+    """The loss's logits: whole, or finetune/train/loss.py's tiles (train.loss_chunk_mib)."""
+    from finetune.train.loss import MiB, tile_shape
+
+    tokens = micro_batch * seq_len
+    whole = f"{micro_batch} x {seq_len} x {shape.vocab_size:,} vocab"
+    if recipe.train.loss_chunk_mib is None or shape.vocab_size == 0:
+        # logits in compute dtype, the float32 log-softmax kept for backward, and its float32 gradient
+        return Part("logits", tokens * shape.vocab_size * (setup.compute_bytes + 4 + 4 + 4), whole)
+    rows, width = tile_shape(recipe.train.loss_chunk_mib * MiB, shape.vocab_size)
+    rows = min(rows, tokens)
+    # a tile's matmul output in compute dtype, its float32 logits and their exponentials live at once
+    tile = rows * width * (setup.compute_bytes + 4 + 4)
+    return Part("logits", tile, f"{rows:,} x {width:,} tiles of {whole} (train.loss_chunk_mib)")
 
 
 def plan_memory(
@@ -233,7 +244,7 @@ def plan_memory(
             activation_bytes(recipe, shape, setup, micro, seq),
             f"{'checkpointed' if setup.checkpointing else 'no checkpointing'}, {setup.attention}",
         ),
-        Part("logits", logits_bytes(shape, setup, micro, seq), f"{micro} x {seq} x {shape.vocab_size:,} vocab"),
+        logits_part(recipe, shape, setup, micro, seq),
     ]
     if shard > 1:
         layer_bytes = base_weight_bytes(_one_layer(shape), setup) - base_weight_bytes(_one_layer(shape, 0), setup)

@@ -126,7 +126,7 @@ def build_trainer(
         # writer passed in) keeps that second writer in the run folder too.
         tensorboard.logging_dir = str(run.tensorboard)
         callbacks.append(tensorboard)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=build_sft_config(recipe, run, device=device, has_eval=bool(eval_samples)),
         train_dataset=to_hf_dataset(train_samples),
@@ -134,3 +134,19 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    use_chunked_loss(trainer, recipe.train.loss_chunk_mib)
+    return trainer
+
+
+def use_chunked_loss(trainer, budget_mib: int | None) -> None:
+    """Serve the loss SFTTrainer asks for (`fused_lm_head=True`) with finetune/train/loss.py's tiles.
+
+    SFTTrainer has by now put its own fused head on the (base) model; ours replaces it for that call only.
+    """
+    from peft import PeftModel
+
+    from finetune.train.loss import add_chunked_lm_head, supports_chunked_loss
+
+    model = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+    if budget_mib is not None and supports_chunked_loss(model.config):
+        add_chunked_lm_head(model, budget_mib)
