@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
 from child import run_child
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,13 +120,13 @@ def run_keys(target: Target, out: Path, steps: int, save_steps: int = 100000) ->
 def child(keys: list[str]) -> None:
     """Train once in this process: real tokens/s of the step window, the peak allocated and the plan."""
     import torch
+    from train_window import instrument
 
     import finetune.train.trainer as trainer_module
     from finetune.model.shape import read_shape
     from finetune.pipeline import run
     from finetune.recipe.load import load_recipe
     from finetune.train.plan import CUDA_CONTEXT_BYTES, plan_memory
-    from train_window import instrument
 
     build_trainer, window = trainer_module.build_trainer, {}
 

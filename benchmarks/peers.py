@@ -114,8 +114,14 @@ def run_alpaca_lora(model_path: Path, steps: int, out: Path) -> dict:
     """tloen/alpaca-lora's finetune.py, with its README's --group_by_length."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    from transformers import set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from finetune.data.formats.alpaca import format_prompt
 

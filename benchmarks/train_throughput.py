@@ -64,11 +64,12 @@ MODEL_HELP = "wide: hidden 768 (the headline); proportioned: the 3.5M-parameter 
 
 def run_finetune(model: Path, overrides: list[str], steps: int, out: Path, *, transformers_sdpa: bool) -> dict:
     """`finetune.pipeline.run` on recipes/quickstart.yaml with the benchmark's shared settings."""
+    from train_window import instrument
+
     import finetune.model.load as load_module
     import finetune.train.trainer as trainer_module
     from finetune.pipeline import run
     from finetune.recipe.load import load_recipe
-    from train_window import instrument
 
     if transformers_sdpa:  # model.attn_implementation: sdpa means per-sample sdpa; this is transformers' own
         load_module.attention_implementation = lambda spec: spec.attn_implementation

@@ -75,7 +75,7 @@ def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
         assert 0 < number(trained) <= number(real) and number(eval_loss) > 0
         figures[name] = (number(median), number(relative), number(padding))
     ours = figures["finetune"][0]
-    for name, (median, relative, _) in figures.items():
+    for median, relative, _ in figures.values():
         assert abs(relative - median / ours) < 0.01  # the x finetune column is the medians' ratio
     assert figures["finetune"][2] == 0 and figures["trl defaults"][2] > 0  # padding-free vs padded batches
     for baseline in ("trl defaults", "alpaca-lora"):
@@ -88,7 +88,6 @@ def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
 def test_train_window_counts_real_and_trained_tokens_of_padded_and_padding_free_batches():
     """Hand-made batches: padding is told by attention_mask; a padding-free row has none and no padding."""
     import torch
-
     from train_window import CountingCollator
 
     padded = {

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import finetune.train.loss as chunked_loss
 from finetune.data.build import build_datasets
 from finetune.model.adapters import wrap_adapter
 from finetune.model.load import load_model, load_tokenizer
 from finetune.recipe.load import load_recipe
-from finetune.train.loss import chunked_next_token_log_probs, tile_shape
 from finetune.run_folder import RunDir
+from finetune.train.loss import chunked_next_token_log_probs, tile_shape
 from finetune.train.trainer import build_trainer
 
 
