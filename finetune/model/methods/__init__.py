@@ -26,7 +26,7 @@ def check_registry(methods: dict[str, Method]) -> None:
     """Raises TypeError unless `methods` and the schema's adapter kinds match one to one, each complete."""
     union = {get_args(member)[0] for member in get_args(get_args(AdapterSpec)[0])}
     if union != set(ADAPTER_SPECS.values()):
-        raise TypeError("recipe/schema.py: AdapterSpec and ADAPTER_SPECS list different adapter sections")
+        raise TypeError("recipe/schema/adapter.py: AdapterSpec and ADAPTER_SPECS list different adapter sections")
     if set(methods) != set(ADAPTER_SPECS):
         raise TypeError(
             f"adapter kinds without a method: {sorted(set(ADAPTER_SPECS) - set(methods))}; "

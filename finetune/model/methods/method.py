@@ -26,7 +26,7 @@ class Method:
     """One adapter kind's meaning.
 
     Args:
-        spec: its section class in recipe/schema.py (the documentation of its keys).
+        spec: its section class in recipe/schema/adapter.py (the documentation of its keys).
         peft_config: `(spec, tokenizer_source) -> peft config`; None when no peft model wraps the base
             (full fine-tuning trains the model itself, and the run folder holds a whole model).
         trainable_tensors: `(spec, shape, setup) -> [(values, bytes)]` for the memory planner

@@ -1,0 +1,53 @@
+"""`finetune export`: write what a run trained in a format other tools load."""
+
+from __future__ import annotations
+
+from finetune.cli.options import add_force_unlock, add_verb
+
+
+def add(verbs) -> None:
+    export = add_verb(
+        verbs,
+        "export",
+        handle,
+        "write what a run trained as a clean PEFT folder (adapter) or GGUF (gguf)",
+        recipe=False,
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
+    export.add_argument(
+        "--out", metavar="PATH", help="where to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf)"
+    )
+    export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_force_unlock(export)
+
+
+def handle(args) -> int:
+    from finetune.quiet import quiet_libraries
+
+    with quiet_libraries():
+        return FORMATS[args.format](args)
+
+
+def export_adapter(args) -> int:
+    from finetune.artifacts.export import export_adapter
+
+    result = export_adapter(args.run_dir, args.out, overwrite=args.overwrite, force_unlock=args.force_unlock)
+    if result.whole_model:
+        print("full fine-tuning run (adapter.kind: none): it has no adapter, so the whole model is exported")
+    print(f"exported {len(result.files)} files to {result.path}: {', '.join(result.files)}")
+    return 0
+
+
+def export_gguf(args) -> int:
+    from finetune.artifacts.gguf import export_gguf
+
+    export_gguf(
+        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+    )
+    return 0
+
+
+# --format of `finetune export` -> its handler; a new format is one entry here
+FORMATS = {"adapter": export_adapter, "gguf": export_gguf}
