@@ -4,6 +4,7 @@
 "Loading weights" and "Writing model shards" bars, its advisory log lines and the deprecation warnings
 of the libraries under it (FutureWarning, DeprecationWarning) say nothing a user can act on there.
 Errors still show: only warnings and progress bars are silenced, and only while the command runs.
+Their own progress bars are finetune's (finetune/progress.py).
 """
 
 from __future__ import annotations
@@ -39,3 +40,25 @@ def quiet_libraries() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
         if not hub_bars_off:
             enable_progress_bars()
+
+
+@contextmanager
+def hub_bars_where_progress_shows() -> Iterator[None]:
+    """Within the block, huggingface_hub's bars show only where finetune's own would (finetune/progress.py).
+
+    Its upload bars follow each file byte by byte, which nothing outside huggingface_hub can, so `push` keeps
+    them, in the same tqdm style, rather than a bar of its own; but they print carriage returns into logs and
+    pipes as well, and do not know FINETUNE_PROGRESS or the main process.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from finetune.progress import progress_shown
+
+    if progress_shown() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()

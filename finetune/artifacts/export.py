@@ -82,6 +82,7 @@ def fill_export(run: Path, recipe: Recipe, folder: Path) -> list[str]:
         FinetuneError: the artifact lacks a file that a loadable export needs.
     """
     from finetune.artifacts.card import write_card
+    from finetune.progress import progress
 
     whole_model = recipe.adapter.kind == "none"
     artifact = RunDir(run).path / method_of(recipe.adapter).artifact_folder
@@ -93,7 +94,8 @@ def fill_export(run: Path, recipe: Recipe, folder: Path) -> list[str]:
     missing = [name for name in required if name not in copied]
     if missing:
         raise FinetuneError(f"{artifact}: {', '.join(missing)} missing; the run's {artifact.name}/ is incomplete")
-    for name in copied:
+    # a whole model's weight files take a while to copy; an adapter's few small files copy in an instant
+    for name in progress(copied, label="export model: copying files", unit="file", when=whole_model):
         shutil.copyfile(artifact / name, folder / name)  # fresh permissions: peft writes weights owner-only
     if not whole_model:
         point_at_base(folder / "adapter_config.json", recipe.model)

@@ -245,9 +245,10 @@ def write_tensors(writer, plan: list[dict], config, permute_qk: bool) -> None:
     import numpy as np
 
     from finetune.artifacts.shards import ShardReader
+    from finetune.progress import progress
 
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads or config.num_attention_heads}
-    for item in plan:
+    for item in progress(plan, label="export gguf: writing tensors", unit="tensor"):
         if "data" in item:
             data = item["data"]
         else:

@@ -221,18 +221,21 @@ def send(upload: Upload, repo_id: str, *, token: str, private: bool, revision: s
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from finetune.quiet import hub_bars_where_progress_shows
+
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=upload.folder,
-            repo_id=repo_id,
-            revision=revision,
-            allow_patterns=[glob.escape(name) for name, _ in upload.files],
-            commit_message=f"Upload the {upload.what} of run {run_name} (finetune)",
-        )
+        with hub_bars_where_progress_shows():  # the upload's own bars, per file
+            commit = api.upload_folder(
+                folder_path=upload.folder,
+                repo_id=repo_id,
+                revision=revision,
+                allow_patterns=[glob.escape(name) for name, _ in upload.files],
+                commit_message=f"Upload the {upload.what} of run {run_name} (finetune)",
+            )
     except (HfHubHTTPError, OSError, ValueError, *transport_errors()) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FinetuneError(f"push to {repo_id} at {api.endpoint} failed: {message.replace(token, '***')}") from None

@@ -172,6 +172,7 @@ def write_merged(
         write_index,
     )
     from finetune.model.methods import method_of
+    from finetune.progress import progress
 
     adapter = method_of(recipe.adapter).read_merge(adapter_dir, device=device)
     shards = list_shards(base)
@@ -188,7 +189,8 @@ def write_merged(
         with ShardReader(shard.path) as reader:
             layout = {key: _merged_layout(adapter, reader, key, source, dtype) for key, source in sources.items()}
             with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
-                for key, source in sources.items():
+                # one bar per shard, closed before the shard's line is printed
+                for key, source in progress(sources.items(), label=f"merge: folding {name}", unit="tensor"):
                     tensor = adapter.apply(key, reader.get(source).to(device))
                     writer.write(key, tensor.to(layout[key][1]))
                     del tensor  # before the next tensor is read

@@ -148,8 +148,12 @@ def tokenize_sources(spec, sources, rows: list[Rows], eval_rows: Rows | None, to
         skipped += bad
     eval_convs, repeated = drop_duplicates(eval_convs, spec.dedup, seen)
     duplicates += repeated
-    train, train_dropped = tokenize_conversations(train_convs, tokenizer, spec.max_seq_len, spec.overlong)
-    eval_, eval_dropped = tokenize_conversations(eval_convs, tokenizer, spec.max_seq_len, spec.overlong)
+    train, train_dropped = tokenize_conversations(
+        train_convs, tokenizer, spec.max_seq_len, spec.overlong, label="data: tokenizing train rows"
+    )
+    eval_, eval_dropped = tokenize_conversations(
+        eval_convs, tokenizer, spec.max_seq_len, spec.overlong, label="data: tokenizing eval rows"
+    )
     train, train_short = drop_short(train, spec.min_tokens)
     eval_, eval_short = drop_short(eval_, spec.min_tokens)
     name = " + ".join(r.name for r in rows)

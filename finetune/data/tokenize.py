@@ -10,7 +10,7 @@ template writes (Llama-3's, Mistral's) and nothing is added to it, so no sample 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +18,10 @@ from finetune.data.conversation import Conversation, RowError
 from finetune.errors import DataError, Problem
 
 Overlong = Literal["truncate", "drop", "error"]
+# Rows from which tokenizing shows a progress bar: a smaller set is tokenized in about a second or less
+LARGE_SET = 10_000
+# Texts per tokenizer call: batched for speed, small enough that a progress bar over rows moves steadily
+ENCODE_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,14 @@ class Dropped:
 
 
 def tokenize_conversations(
-    conversations: Sequence[Conversation], tokenizer, max_seq_len: int, overlong: Overlong = "truncate"
+    conversations: Sequence[Conversation],
+    tokenizer,
+    max_seq_len: int,
+    overlong: Overlong = "truncate",
+    label: str = "data: tokenizing",
 ) -> tuple[list[Sample], list[Dropped]]:
-    """Tokenize every conversation; apply the overlong policy.
+    """Tokenize every conversation; apply the overlong policy. A set of more than LARGE_SET rows shows a
+    progress bar named `label` (see finetune/progress.py).
 
     `truncate` keeps the first `max_seq_len` tokens when at least one token of the last segment (the
     response) survives, and drops the row otherwise.
@@ -54,11 +63,12 @@ def tokenize_conversations(
     Raises:
         DataError: with `overlong="error"`, naming every row longer than `max_seq_len`.
     """
-    texts = [text for conv in conversations for text in texts_to_encode(conv)]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    from finetune.progress import progress
+
+    encoded = encode_in_chunks(tokenizer, [text for conv in conversations for text in texts_to_encode(conv)])
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     samples, dropped, problems = [], [], []
-    for conv in conversations:
+    for conv in progress(conversations, label=label, unit="row", when=len(conversations) > LARGE_SET):
         encodings = [next(encoded) for _ in conv.segments]
         try:
             pieces = split_prefixes(encodings) if conv.whole_text else encodings
@@ -87,6 +97,12 @@ def tokenize_conversations(
     if problems:
         raise DataError(problems[:20], omitted=max(0, len(problems) - 20))
     return samples, dropped
+
+
+def encode_in_chunks(tokenizer, texts: list[str]) -> Iterator[list[int]]:
+    """The ids of each text (no special tokens added), tokenized a chunk at a time as they are asked for."""
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        yield from tokenizer(texts[start : start + ENCODE_CHUNK], add_special_tokens=False)["input_ids"]
 
 
 def texts_to_encode(conv: Conversation) -> list[str]:

@@ -3,6 +3,7 @@ batches for samples and exact match, sampled or greedy and streamed for `finetun
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,22 +93,36 @@ def load_target(target: Path, recipe: Recipe | None, *, device: str):
     )
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate_greedy(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32, label: str = "eval: answering"
+) -> list[str]:
     """Greedy completions of `prompts`, tokenized as in training (BOS, then the prompt without special tokens)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     encoded = [bos + tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
-    return generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return generate_from_ids(
+        model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, label=label
+    )
 
 
-def generate_from_ids(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: int, batch_size: int = 32):
-    """Greedy completions (decoded) of prompts given as token ids.
+def generate_from_ids(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    label: str = "eval: answering",
+):
+    """Greedy completions (decoded) of prompts given as token ids, with a progress bar over batches named `label`.
 
     Batches are left-padded; the KV cache is always on (prefix-tuning cannot generate without it).
     """
     import torch
 
+    from finetune.progress import progress
+
     completions = []
-    for start in range(0, len(encoded), batch_size):
+    for start in progress(range(0, len(encoded), batch_size), label=label, unit="batch"):
         batch = encoded[start : start + batch_size]
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch])
@@ -210,6 +225,7 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
 
     from finetune.eval.prompts import choose_format, prompt_ids
     from finetune.model.load import pick_device
+    from finetune.progress import progress
 
     sampling.check()
     target = Path(target)
@@ -218,7 +234,9 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
     chosen = choose_format(prompt_format, recipe.data.formats if recipe else None, tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None
     answers = []
-    for number, row in enumerate(rows, start=1):
+    # a bar beside answers streamed to the same terminal would break their lines; there the [n/N] lines count
+    shown = len(rows) > 1 and not (echo and sys.stdout.isatty())
+    for number, row in enumerate(progress(rows, label="generate: answering", unit="prompt", when=shown), start=1):
         if echo and len(rows) > 1:
             echo(f"[{number}/{len(rows)}] {row['instruction']}")
         answers.append(generate_one(model, tokenizer, prompt_ids(tokenizer, chosen, row), sampling, streamer=streamer))
@@ -244,7 +262,9 @@ def sample_generations(model, tokenizer, samples, *, n: int = 4, max_new_tokens:
         return []
     model.eval()
     longest = min(max(len(ids) for ids in references) + 8, max_new_tokens)
-    generated = generate_from_ids(model, tokenizer, prompts, max_new_tokens=longest, batch_size=1)
+    generated = generate_from_ids(
+        model, tokenizer, prompts, max_new_tokens=longest, batch_size=1, label="eval: answering sample prompts"
+    )
     return [
         {
             "row": sample.row,
