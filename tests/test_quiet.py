@@ -10,6 +10,7 @@ import sys
 from conftest import REPO
 
 NOISE = ("Loading weights", "Writing model shards", "Warning", "deprecated", "it/s]")
+BAR_LABELS = ("merge: folding", "export gguf: writing tensors", "generate: answering")
 
 
 def as_a_user_runs_it() -> dict[str, str]:
@@ -17,6 +18,7 @@ def as_a_user_runs_it() -> dict[str, str]:
     off for the rest of the suite), so that what these tests find quiet was quietened by finetune itself."""
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    env.pop("FINETUNE_PROGRESS", None)
     return env
 
 
@@ -40,6 +42,8 @@ def test_merge_export_and_generate_print_only_their_own_progress(tiny_run, tmp_p
     generated = finetune("generate", str(run), "--prompt", "Name a color.", "--max-new-tokens", "4", cwd=tmp_path)
     for done in (merged, exported, generated):
         assert not [word for word in NOISE if word in done.stderr], done.stderr
+        # finetune's own bars (tests/test_progress.py shows them on a terminal) stay off a pipe
+        assert "\r" not in done.stderr + done.stdout and not [bar for bar in BAR_LABELS if bar in done.stderr]
     assert "merged model (float32, 1 shard) written to" in merged.stdout
     assert "GGUF (" in exported.stdout and generated.stdout.strip()
 
