@@ -29,7 +29,9 @@ def progress_shown() -> bool:
     return sys.stderr.isatty() and is_main_process()
 
 
-def progress(iterable: Iterable | None = None, *, label: str, total: int | None = None, unit: str = "it", when=True):
+def progress(
+    iterable: Iterable | None = None, *, label: str, total: int | None = None, unit: str = "it", when: bool = True
+):
     """A progress bar labelled `label`, over `iterable`, or (without one) advanced by hand with `update(n)`.
 
     Args:

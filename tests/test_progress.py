@@ -36,17 +36,18 @@ def open_terminal() -> tuple[int, int]:
     return master, slave
 
 
-def read_terminal(master: int, *, until_closed: bool = False) -> str:
+def read_terminal(master: int, *, until_closed: bool = False, timeout: float = 300) -> str:
     """What was written to the terminal so far (or, `until_closed`, until every writer has closed it)."""
     chunks = []
-    while until_closed or select.select([master], [], [], 0.2)[0]:
+    while select.select([master], [], [], timeout if until_closed else 0.2)[0]:
         try:
             chunk = os.read(master, 65536)
-        except OSError:  # EIO: the other side is closed
-            break
+        except OSError:  # EIO: every writer has closed the terminal
+            chunk = b""
         if not chunk:
-            break
+            return b"".join(chunks).decode()
         chunks.append(chunk)
+    assert not until_closed, f"the terminal's writers did not close it within {timeout} s"
     return b"".join(chunks).decode()
 
 
