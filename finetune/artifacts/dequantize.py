@@ -56,10 +56,10 @@ class DequantizedBase:
             for name, module in model.named_modules()
             if type(getattr(module, "weight", None)).__name__ == "Params4bit"
         }
+        self.names = frozenset(self._modules)
 
-    @property
-    def names(self) -> set[str]:
-        return set(self._modules)
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
 
     def weight(self, name: str):
         """The weight `name` as the quantized model's forward pass used it, in the dtype it was loaded in."""

@@ -12,8 +12,9 @@ a merge that fails leaves nothing that looks usable.
 
 A QLoRA run merges into its original 16-bit base weights by default, or with `base_weights="dequantized"`
 (`--base dequantized`) into the 4-bit weights it trained against, dequantized (`artifacts/dequantize.py`).
-Either way the check measures the merged model against both the quantized model as trained and the adapter
-on the 16-bit base, and merge.json in the merged folder keeps both figures.
+The dequantized merge also holds the run's base quantized in memory (about a quarter of its 16-bit size)
+while it streams. Either way the check measures the merged model against both the quantized model as
+trained and the adapter on the 16-bit base, and merge.json in the merged folder keeps both figures.
 
 A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
 the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
@@ -250,10 +251,11 @@ def write_merged(
             layout = {key: _merged_layout(adapter, reader, key, source, dtype) for key, source in sources.items()}
             with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
                 for key, source in sources.items():
-                    weight = dequantized.weight(source) if dequantized and source in dequantized.names else None
-                    tensor = adapter.apply(key, (reader.get(source) if weight is None else weight).to(device))
+                    trained_on = dequantized is not None and source in dequantized
+                    weight = dequantized.weight(source) if trained_on else reader.get(source)
+                    tensor = adapter.apply(key, weight.to(device))
                     writer.write(key, tensor.to(layout[key][1]))
-                    del tensor  # before the next tensor is read
+                    del tensor, weight  # before the next tensor is read
             total += writer.total_size
         weight_map |= dict.fromkeys(sources, name)
         echo(f"merged {shard.path.name} -> {name}")
