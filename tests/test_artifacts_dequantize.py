@@ -131,5 +131,6 @@ def test_the_dequantized_check_fails_the_original_weights_and_a_dropped_update(m
     weights = broken / "adapter" / "adapter_model.safetensors"
     save_file({name: t * 0 if "lora_B" in name else t for name, t in load_file(weights).items()}, weights)
     dropped = merge_run(broken, out=tmp_path / "dropped", base_weights="dequantized", verify=False, echo=print).path
+    assert json.loads((dropped / "merge.json").read_text())["check"] is None  # unchecked, and the record says so
     with pytest.raises(FinetuneError, match=r"\(\d+% of how far the adapter moves the quantized base's logits"):
         check_as_dequantized(dropped, qlora_run)
