@@ -2,12 +2,12 @@
 
 A QLoRA run never saw its base's 16-bit weights: every Linear was NF4 (or FP4) quantized at load time and
 each forward pass dequantized it. Merging the adapter into the original 16-bit weights therefore gives a
-model that differs from the trained one by the base's quantization error (huggingface/peft#1043,
-#2105; huggingface/transformers#31293). Here the base is loaded quantized exactly as the run loaded it (its recipe's `model`
-and `quant` sections, through `model/load.py`), and each bitsandbytes 4-bit Linear's weight is dequantized
-back to the dense matrix the forward pass used, one at a time on request, so the merge streams them like
-checkpoint tensors. Everything bitsandbytes leaves unquantized (embeddings, norms, lm_head) is the
-checkpoint's own tensor.
+model that differs from the trained one by the base's quantization error (huggingface/peft#1043, #2105;
+huggingface/transformers#31293). Here the base is loaded quantized exactly as the run loaded it (its
+recipe's `model` and `quant` sections, through `model/load.py`), and each bitsandbytes 4-bit Linear's
+weight is dequantized back to the dense matrix the forward pass used, one at a time on request, so the
+merge streams them like checkpoint tensors. Everything bitsandbytes leaves unquantized (embeddings, norms,
+lm_head) is the checkpoint's own tensor.
 
 An 8-bit (LLM.int8) base is refused: its matmuls also round every input to int8 (outlier columns aside),
 so no 16-bit weights reproduce the model it trained with; on the tiny test model the dequantized merge was
