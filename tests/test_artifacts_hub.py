@@ -142,7 +142,7 @@ def test_the_headline_chain_from_a_hub_model_and_data_set_to_pushed_models(hub, 
     pushed = hub.files("me/x-merged")
     assert sorted(pushed) == sorted(
         [*shards, "model.safetensors.index.json", "config.json", "generation_config.json", "README.md"]
-        + ["recipe.yaml", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+        + ["recipe.yaml", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "merge.json"]
     )
     assert hub.lfs_paths("me/x-merged") == {*shards, "tokenizer.model"}  # weights went by LFS, not inline
     assert {sha256(merged / shard) for shard in shards} <= set(hub.uploads)

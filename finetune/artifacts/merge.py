@@ -10,6 +10,12 @@ tokenizer. Weights keep the base checkpoint's dtype unless told otherwise, so a 
 merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
 a merge that fails leaves nothing that looks usable.
 
+A QLoRA run merges into its original 16-bit base weights by default, or with `base_weights="dequantized"`
+(`--base dequantized`) into the 4-bit weights it trained against, dequantized (`artifacts/dequantize.py`).
+The dequantized merge also holds the run's base quantized in memory (about a quarter of its 16-bit size)
+while it streams. Either way the check measures the merged model against both the quantized model as
+trained and the adapter on the 16-bit base, and merge.json in the merged folder keeps both figures.
+
 A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
 the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
 (LoRA on embed_tokens, or either in modules_to_save), the adapter model's input embedding and output head
@@ -22,14 +28,19 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder
+from finetune.run_folder import RunDir, claim_folder, read_trained_recipe, write_folder, write_json
+
+if TYPE_CHECKING:
+    from finetune.artifacts.verify import MergeCheck
 
 Echo = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.model",)  # the SentencePiece model transformers 5 no longer saves; GGUF needs it
 HEAD = "lm_head.weight"
+RECORD = "merge.json"  # how the folder was merged and how far it is from the models it came from
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,17 @@ class MergeResult:
     path: Path
     dtype: str
     shards: int
-    max_diff: float | None  # merged vs adapter logits; None with verify off
-    tolerance: float | None
+    base_weights: str  # original or dequantized
+    check: MergeCheck | None  # None with verify off
+
+    @property
+    def max_diff(self) -> float | None:
+        """Merged vs reference logits (see `MergeCheck.reference`); None with verify off."""
+        return self.check.max_diff if self.check else None
+
+    @property
+    def tolerance(self) -> float | None:
+        return self.check.tolerance if self.check else None
 
 
 def merge_run(
@@ -50,6 +70,7 @@ def merge_run(
     overwrite: bool = False,
     verify: bool = True,
     force_unlock: bool = False,
+    base_weights: str = "original",
     echo: Echo = print,
 ) -> MergeResult:
     """Merge a LoRA (or QLoRA) or (IA)^3 run's adapter into its base model and write the result to `out`.
@@ -62,21 +83,33 @@ def merge_run(
         overwrite: replace a non-empty `out`.
         verify: compare the merged model's logits with the adapter model's before keeping the result.
         force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
+        base_weights: "original" merges into the base checkpoint's weights; "dequantized" (4-bit runs only)
+            into the quantized weights the adapter trained against, dequantized.
 
     Raises:
-        InputError: a kind that cannot merge, no adapter, `out` not empty or claimed by another command, base
-            weights not found.
-        FinetuneError: the merged logits differ from the adapter model's by more than the tolerance.
+        InputError: a kind that cannot merge, no adapter, "dequantized" for a run without a 4-bit base, `out`
+            not empty or claimed by another command, base weights not found.
+        FinetuneError: the merged logits differ from the reference model's by more than the tolerance.
     """
+    from finetune.artifacts.dequantize import check_base_weights
     from finetune.lock import claim
 
     run_dir = RunDir(Path(run_path))
     recipe = read_trained_recipe(run_dir.path)
     check_mergeable(run_dir, recipe)
+    check_base_weights(run_dir.path, recipe, base_weights)
     target = Path(out) if out is not None else run_dir.path / "merged"
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
         return write_merge(
-            run_dir, recipe, target, overwrite=overwrite, dtype=dtype, device=device, verify=verify, echo=echo
+            run_dir,
+            recipe,
+            target,
+            overwrite=overwrite,
+            dtype=dtype,
+            device=device,
+            verify=verify,
+            base_weights=base_weights,
+            echo=echo,
         )
 
 
@@ -89,31 +122,50 @@ def write_merge(
     dtype: str | None,
     device: str,
     verify: bool,
+    base_weights: str = "original",
     echo: Echo,
 ) -> MergeResult:
     """`merge_run`, once `target` is claimed."""
     claim_folder(target, overwrite=overwrite, key="--out")
     base = base_folder(recipe)
     dtype_name = dtype or checkpoint_dtype_name(base)
-    if recipe.quant is not None:
+    dequantize = base_weights == "dequantized"
+    if recipe.quant is not None and not dequantize:
         echo(
             f"note: this run trained on a {recipe.quant.bits}-bit quantized base; the adapter is merged into the "
-            "16-bit base weights, so the merged model's outputs differ slightly from the quantized model it "
-            "trained with"
+            "16-bit base weights, so the merged model differs from the quantized model it trained with by the "
+            "base's quantization error"
+            + ("" if recipe.quant.bits == 8 else " (--base dequantized merges into the 4-bit weights it trained on)")
         )
 
-    def fill(partial: Path) -> tuple[int, float | None, float | None]:
-        shards, untied = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
+    def fill(partial: Path) -> MergeResult:
+        shards, untied = write_merged(
+            recipe, run_dir.adapter, base, partial, dtype_name, device, echo, dequantize=dequantize
+        )
         write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
-        if not verify:
-            return shards, None, None
-        from finetune.artifacts.verify import check_merged
+        check = None
+        if verify:
+            from finetune.artifacts.verify import check_merged
 
-        return shards, *check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo)
+            check = check_merged(partial, run_dir.adapter, recipe, dtype_name, device, echo, base_weights=base_weights)
+        result = MergeResult(target, dtype_name, shards, base_weights, check)
+        write_json(partial / RECORD, merge_record(recipe, result))
+        return result
 
-    shards, max_diff, tolerance = write_folder(target, fill)
-    echo(f"merged model ({dtype_name}, {shards} shard{'s' if shards > 1 else ''}) written to {target}")
-    return MergeResult(target, dtype_name, shards, max_diff, tolerance)
+    result = write_folder(target, fill)
+    echo(f"merged model ({dtype_name}, {result.shards} shard{'s' if result.shards > 1 else ''}) written to {target}")
+    return result
+
+
+def merge_record(recipe: Recipe, result: MergeResult) -> dict:
+    """What merge.json keeps: the merge's choices and, when checked, its logit errors against each model."""
+    return {
+        "base": recipe.model.name_or_path,
+        "base_weights": result.base_weights,
+        "quant": recipe.quant.model_dump() if recipe.quant is not None else None,
+        "dtype": result.dtype,
+        "check": result.check.record() if result.check is not None else None,
+    }
 
 
 def check_mergeable(run_dir: RunDir, recipe: Recipe) -> None:
@@ -151,9 +203,18 @@ def base_folder(recipe: Recipe) -> Path:
 
 
 def write_merged(
-    recipe: Recipe, adapter_dir: Path, base: Path, out: Path, dtype_name: str, device: str, echo: Echo
+    recipe: Recipe,
+    adapter_dir: Path,
+    base: Path,
+    out: Path,
+    dtype_name: str,
+    device: str,
+    echo: Echo,
+    *,
+    dequantize: bool = False,
 ) -> tuple[int, bool]:
-    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`.
+    """Stream every base shard through the adapter (read by the adapter kind's method) into `out`; with
+    `dequantize`, each 4-bit Linear's weight is the run's quantized one, dequantized, instead of the shard's.
 
     Returns:
         (shards written, whether a tied output head was written as a tensor of its own).
@@ -181,6 +242,7 @@ def write_merged(
     missing = adapter.targets - present
     if missing:
         raise InputError(f"{adapter_dir}: the base in {base} has no tensor {sorted(missing)[0]}; is it the right base?")
+    dequantized = load_dequantized(recipe, base, present, device, echo) if dequantize else None
     dtype = getattr(torch, dtype_name)
     weight_map, total = {}, 0
     for shard, name in zip(shards, shard_names(len(shards)), strict=True):
@@ -191,9 +253,11 @@ def write_merged(
             with ShardWriter(out / name, {k: (s, safetensors_dtype(d)) for k, (s, d) in layout.items()}) as writer:
                 # one bar per shard, closed before the shard's line is printed
                 for key, source in progress(sources.items(), label=f"merge: folding {name}", unit="tensor"):
-                    tensor = adapter.apply(key, reader.get(source).to(device))
+                    trained_on = dequantized is not None and source in dequantized
+                    weight = dequantized.weight(source) if trained_on else reader.get(source)
+                    tensor = adapter.apply(key, weight.to(device))
                     writer.write(key, tensor.to(layout[key][1]))
-                    del tensor  # before the next tensor is read
+                    del tensor, weight  # before the next tensor is read
             total += writer.total_size
         weight_map |= dict.fromkeys(sources, name)
         echo(f"merged {shard.path.name} -> {name}")
@@ -201,6 +265,25 @@ def write_merged(
     if embedding:
         echo(f"the adapter changes the tied {embedding} or {HEAD}: both are written, untied")
     return len(shards), embedding is not None
+
+
+def load_dequantized(recipe: Recipe, base: Path, present: set[str], device: str, echo: Echo):
+    """The run's quantized base (`artifacts/dequantize.py`), whose 4-bit weights must all be checkpoint tensors.
+
+    Raises:
+        InputError: a quantized weight the checkpoint has no tensor of (a base whose names transformers maps).
+    """
+    from finetune.artifacts.dequantize import load_dequantized_base
+
+    dequantized = load_dequantized_base(recipe, device)
+    unmatched = dequantized.names - present
+    if unmatched:
+        raise InputError(
+            f"--base dequantized: the quantized model's weight {sorted(unmatched)[0]} has no tensor of that name in "
+            f"{base}; merge with --base original"
+        )
+    echo(f"dequantizing the run's {len(dequantized.names)} {recipe.quant.bits}-bit Linear weights into the merge")
+    return dequantized
 
 
 def untied_head_source(adapter, shards) -> str | None:

@@ -20,6 +20,14 @@ def add(verbs) -> None:
         choices=["bfloat16", "float16", "float32"],
         help="weight dtype (default the base checkpoint's: a bf16 base gives a bf16 merge)",
     )
+    merge.add_argument(
+        "--base",
+        dest="base_weights",
+        choices=["original", "dequantized"],
+        default="original",
+        help="base weights a QLoRA adapter is folded into: the checkpoint's 16-bit ones (default), or the 4-bit "
+        "ones it trained against, dequantized, which keeps the model as trained",
+    )
     merge.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_force_unlock(merge)
@@ -44,5 +52,6 @@ def handle(args) -> int:
             overwrite=args.overwrite,
             verify=args.verify,
             force_unlock=args.force_unlock,
+            base_weights=args.base_weights,
         )
     return 0
