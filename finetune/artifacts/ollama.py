@@ -79,7 +79,9 @@ def modelfile_text(run_dir: RunDir, recipe: Recipe, gguf_file: str, echo: Echo) 
         )
     system, end_of_turn = None, None
     if formats[0] == CHAT:
-        template, system, end_of_turn = chat_template_parts(tokenizer, recipe, artifact, echo)
+        # the run saved the template it trained with in its tokenizer; the recipe's key names where it came from
+        where = "data.chat_template" if recipe.data.chat_template else f"{artifact}/chat_template.jinja"
+        template, system, end_of_turn = chat_template_parts(tokenizer, where, echo)
     else:
         from finetune.artifacts.ollama_template import prompt_go_template
 
@@ -121,16 +123,18 @@ def run_tokenizer(run_dir: RunDir, recipe: Recipe):
     return AutoTokenizer.from_pretrained(artifact), artifact
 
 
-def chat_template_parts(tokenizer, recipe: Recipe, artifact: Path, echo: Echo) -> tuple[str, str | None, str | None]:
-    """(TEMPLATE, default SYSTEM, end-of-turn token) of a chat run.
+def chat_template_parts(tokenizer, where: str, echo: Echo) -> tuple[str, str | None, str | None]:
+    """(TEMPLATE, default SYSTEM, end-of-turn token) for the chat template of `tokenizer` (lima's when it has
+    none, as training used).
 
     Raises:
-        InputError: naming the recipe key or file of a chat template no Modelfile TEMPLATE reproduces.
+        InputError: naming `where` (the recipe key or file of the template), when no Modelfile TEMPLATE
+            reproduces the chat template.
     """
     from finetune.artifacts.ollama_template import Untranslatable, chat_go_template, read_layout
     from finetune.data.templates import end_of_turn_token, resolve_chat_template
 
-    _, template = resolve_chat_template(None, tokenizer)  # what the run saved: the template it trained with
+    _, template = resolve_chat_template(None, tokenizer)
 
     def render(messages: list[dict], generation: bool) -> str:
         return tokenizer.apply_chat_template(
@@ -140,7 +144,6 @@ def chat_template_parts(tokenizer, recipe: Recipe, artifact: Path, echo: Echo) -
     try:
         layout = read_layout(render, tokenizer.bos_token)
     except Untranslatable as error:
-        where = "data.chat_template" if recipe.data.chat_template else f"{artifact}/chat_template.jinja"
         raise InputError(
             f"{where}: the chat template cannot be written as an Ollama TEMPLATE: {error}; export --format gguf "
             "and write the Modelfile's TEMPLATE by hand"
