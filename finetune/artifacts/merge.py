@@ -103,8 +103,12 @@ def write_merge(
         )
 
     def fill(partial: Path) -> tuple[int, float | None, float | None]:
+        from finetune.artifacts.card import write_card
+
         shards, untied = write_merged(recipe, run_dir.adapter, base, partial, dtype_name, device, echo)
         write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
+        # the card's serving commands name the folder as it will be once renamed into place
+        write_card(run_dir.path, partial / "README.md", library="transformers", served=target.resolve())
         if not verify:
             return shards, None, None
         from finetune.artifacts.verify import check_merged
