@@ -119,14 +119,17 @@ NUMBERED_TURNS_TEMPLATE = (
 
 def chat_run_with_template(template: str) -> Callable[[Path], None]:
     """The finished run as a LIMA run whose tokenizer saved `template`, the chat template it trained with."""
-    lima = edit_yaml("recipe.yaml", lambda r: r["data"].update(format="lima", goat=None,
-                                                                 path=str(REPO / "data" / "lima_sample.jsonl")))
+    lima = edit_yaml(
+        "recipe.yaml",
+        lambda r: r["data"].update(format="lima", goat=None, path=str(REPO / "data" / "lima_sample.jsonl")),
+    )
 
     def setup(copy: Path) -> None:
         lima(copy)
         (copy / "adapter" / "chat_template.jinja").write_text(template)
 
     return setup
+
 
 CASES = [
     # --- YAML itself
