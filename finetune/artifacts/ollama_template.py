@@ -140,12 +140,12 @@ def _probe(render: Render, bos_token: str | None) -> ChatLayout:
     _, after_answer = _split(dialog, a1)
     if not after_answer.startswith(assistant_suffix):
         raise Untranslatable("an answer is closed differently when a user turn follows")
-    user_prefix = after_answer[len(assistant_suffix) : after_answer.find(u2)]
+    user_prefix = _split(after_answer, u2)[0][len(assistant_suffix) :]
     if not head.endswith(user_prefix):
         raise Untranslatable("the first user turn is opened differently from the others")
     default_block = head[: len(head) - len(user_prefix)]
     system_head, system_rest = _split(with_system, SYSTEM_MARK)
-    between = system_rest[: system_rest.find(u1)]
+    between = _split(system_rest, u1)[0]
     if user_prefix and between.endswith(user_prefix):  # a system block of its own
         system, in_first_user = (system_head, between[: len(between) - len(user_prefix)]), False
     elif system_head == default_block + user_prefix:  # the system message opens the first user turn
