@@ -52,7 +52,11 @@ def export_ollama(
         claim_folder(target, overwrite=overwrite, key="--out", protect=run_dir)
 
         def fill(folder: Path) -> None:
-            write_run_gguf(run_dir, recipe, folder / gguf_file, quant_type, overwrite=False, echo=echo)
+            # the GGUF is written into the partial folder; its lines name it where it will be once renamed
+            def echo_final(line: str) -> None:
+                echo(line.replace(str(folder), str(target)))
+
+            write_run_gguf(run_dir, recipe, folder / gguf_file, quant_type, overwrite=False, echo=echo_final)
             (folder / MODELFILE).write_text(modelfile, encoding="utf-8")
 
         write_folder(target, fill)
