@@ -5,8 +5,8 @@ Shard by shard: each safetensors file of the base is read on its own, every tens
 with its update (read by the adapter kind's method, `model/methods/`) and written out before the next is
 read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
 where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
-when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
-tokenizer. Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
+when there is more than one file, plus config.json (dtype set), generation_config.json, the run's
+tokenizer and its card (README.md: how to load and serve the folder). Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
 merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
 a merge that fails leaves nothing that looks usable.
 
