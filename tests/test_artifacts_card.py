@@ -1,6 +1,6 @@
 """The merged folder's card says how vLLM and text-generation-inference serve it: the commands name the folder
-`finetune merge` wrote (and, for a chat run, the chat template it trained with), and a hub repo's card names
-the repo."""
+`finetune merge` wrote (and, for a chat run, the chat template it trained with), or a full run's export, and
+a hub repo's card names the repo."""
 
 from __future__ import annotations
 
@@ -57,3 +57,11 @@ def test_a_hub_repos_card_serves_the_repo(tiny_run):
     assert vllm == ["THIS_REPO"] and "-v" not in docker
     assert docker[docker.index("--model-id") + 1] == "THIS_REPO"
     assert "## Serve" not in model_card(tiny_run("lora"), library="peft")  # an adapter is not served alone
+
+
+def test_a_full_runs_export_card_serves_the_export_folder(tiny_run, tmp_path):
+    run_dir, out = tiny_run("full", adapter={"kind": "none"}), tmp_path / "model"
+    assert main(["export", str(run_dir), "--format", "adapter", "--out", str(out)]) == 0
+    vllm, docker = serve_commands((out / "README.md").read_text())
+    assert vllm == [str(out.resolve())] and (out / "config.json").is_file()
+    assert docker[docker.index("-v") + 1] == f"{out.resolve()}:/data"
