@@ -108,10 +108,11 @@ def read_layout(render: Render, bos_token: str | None) -> ChatLayout:
     except Untranslatable:
         raise
     except Exception as error:  # the template itself fails (raise_exception, an unknown filter)
-        raise Untranslatable(f"it fails on a plain conversation ({str(error).splitlines()[0]})") from None
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise Untranslatable(f"it fails on a user, assistant or system message ({first_line})") from None
     for piece in (*layout.user, *layout.assistant, *layout.system, layout.generation_prompt, layout.default_system):
         if piece and ("{{" in piece or '"""' in piece):
-            raise Untranslatable(f"it writes {piece!r}, which a Modelfile TEMPLATE cannot hold as text")
+            raise Untranslatable(f"it writes {_short(piece)}, which a Modelfile TEMPLATE cannot hold as text")
     return layout
 
 
@@ -156,7 +157,7 @@ def _probe(render: Render, bos_token: str | None) -> ChatLayout:
     if default_block:
         prefix, suffix = system
         if in_first_user or not (default_block.startswith(prefix) and default_block.endswith(suffix)):
-            raise Untranslatable(f"it writes {default_block!r} before the first user turn, not a system block")
+            raise Untranslatable(f"it writes {_short(default_block)} before the first user turn, not a system block")
         default_system = default_block[len(prefix) : len(default_block) - len(suffix)]
     return ChatLayout(
         user=(user_prefix, user_suffix),
@@ -174,6 +175,11 @@ def _split(text: str, mark: str) -> tuple[str, str]:
         raise Untranslatable(f"it writes a message {text.count(mark)} times")
     before, _, after = text.partition(mark)
     return before, after
+
+
+def _short(text: str) -> str:
+    """`text` quoted, cut to its first 60 characters."""
+    return repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
 
 
 def _without_bos(text: str, bos: str | None) -> str:
