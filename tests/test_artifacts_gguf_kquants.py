@@ -139,6 +139,7 @@ def test_a_narrow_model_says_which_matrices_llama_cpp_kept_in_other_types(tiny_m
 def test_k_quants_without_llama_cpp_are_refused_before_any_merge(tiny_run, tmp_path, monkeypatch, capsys):
     run_dir = tiny_run("lora")
     before = sorted(path.name for path in run_dir.iterdir())
+    capsys.readouterr()  # what training printed
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
     for export_format in ("gguf", "ollama"):
         args = ["export", str(run_dir), "--format", export_format, "--type", "q5_k_m"]

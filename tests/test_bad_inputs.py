@@ -398,6 +398,12 @@ CASES = [
          "error: {copy}/adapter/chat_template.jinja: the chat template cannot be written as an Ollama TEMPLATE: "
          "the first user turn is opened differently from the others; export --format gguf and write the "
          "Modelfile's TEMPLATE by hand", setup=chat_run_with_template(NUMBERED_TURNS_TEMPLATE)),
+    Case("ollama-several-prompt-formats", ("export", "{copy}", "--format", "ollama"), 2,
+         "error: data.sources: the run trained on several prompt formats (alpaca, goat) and a Modelfile has one "
+         "TEMPLATE; export --format gguf and write the Modelfile by hand",
+         setup=edit_yaml("recipe.yaml", lambda r: r["data"].update(goat=None, sources=[
+             {"format": "goat", "goat": r["data"]["goat"]},
+             {"format": "alpaca", "path": str(REPO / "data" / "alpaca_sample.json")}]))),
     Case("eval-base-changed-shape", ("eval", "{copy}"), 2,
          "re:error: {copy}/adapter: the adapter does not fit the base model "
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",
