@@ -6,9 +6,9 @@ with its update (read by the adapter kind's method, `model/methods/`) and writte
 read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
 where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
 when there is more than one file, plus config.json (dtype set), generation_config.json, the run's
-tokenizer and its card (README.md: how to load and serve the folder). Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
-merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
-a merge that fails leaves nothing that looks usable.
+tokenizer and its card (README.md: how to load and serve the folder). Weights keep the base checkpoint's
+dtype unless told otherwise, so a bf16 base gives a bf16 merge. It is written to `OUT.partial`, checked (see
+`artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
 
 A base with tied embeddings (Qwen2.5 up to 3B, Llama-3.2) saves no lm_head.weight: its output head is
 the embedding matrix. The merged folder stays tied when the adapter changes neither; when it changes one
