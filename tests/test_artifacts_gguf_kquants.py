@@ -1,4 +1,4 @@
-"""finetune export --format gguf --type q4_k_m|q5_k_m: llama.cpp's k-quants of a LoRA run on a tiny LLaMA whose
+"""finetune export --format gguf --type q4_k_m|q5_k_m|q6_k: llama.cpp's k-quants of a LoRA run on a tiny LLaMA whose
 rows are 256 wide (k-quant super-blocks), their tensor types and sizes, and (all need llama.cpp) how often
 llama.cpp picks transformers' next token with them; an export with scrambled attention picks it far less.
 Without llama-cpp-python the types are refused before anything is merged."""
@@ -25,10 +25,10 @@ from conftest import SAMPLE_DATA, require
 from llama_cpp_check import field
 
 pytestmark = pytest.mark.slow
-TYPES = ("f16", "q8_0", "q4_k_m", "q5_k_m")
+TYPES = ("f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 # file type, the k-quant of most matrices, and Q6_K where the _M mix spends more bits (output head, some attn_v
 # and ffn_down)
-K_QUANT_TYPES = {"q4_k_m": (15, {"Q4_K", "Q6_K"}), "q5_k_m": (17, {"Q5_K", "Q6_K"})}
+K_QUANT_TYPES = {"q4_k_m": (15, {"Q4_K", "Q6_K"}), "q5_k_m": (17, {"Q5_K", "Q6_K"}), "q6_k": (18, {"Q6_K"})}
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Add 123 and 4567."]
 
 
@@ -66,12 +66,12 @@ def test_k_quants_hold_k_quant_matrices_and_are_smaller(wide_export):
     run_dir, files = wide_export
     sizes = {kind: path.stat().st_size for kind, path in files.items()}
     print("sizes (bytes):", sizes)
-    assert sizes["q4_k_m"] < sizes["q5_k_m"] < sizes["q8_0"] < sizes["f16"]
+    assert sizes["q4_k_m"] < sizes["q5_k_m"] < sizes["q6_k"] < sizes["q8_0"] < sizes["f16"]
     for kind, (file_type, types) in K_QUANT_TYPES.items():
         reader = gguf.GGUFReader(files[kind])
         assert field(reader, "general.file_type") == file_type
         matrices = [t for t in reader.tensors if len(t.shape) == 2]
-        assert {t.tensor_type.name for t in matrices} == types  # every matrix a k-quant, both of the mix
+        assert {t.tensor_type.name for t in matrices} == types  # every matrix a k-quant, each of the mix
         assert all(t.tensor_type.name == "F32" for t in reader.tensors if len(t.shape) == 1)
     assert not list(run_dir.glob(".gguf-*"))  # the f16 file quantized from is gone
 
@@ -119,7 +119,7 @@ def test_llama_cpp_runs_the_k_quants_near_transformers_and_a_broken_one_far(wide
     broken = agreement(tmp_path / "broken-q4_k_m.gguf", run_dir / "merged")
     print(f"broken q4_k_m: {broken:.0%}")
     assert found["f16"] >= 0.95
-    assert min(found["q4_k_m"], found["q5_k_m"]) > broken + 0.15
+    assert min(found["q4_k_m"], found["q5_k_m"], found["q6_k"]) > broken + 0.15
 
 
 @pytest.mark.gguf

@@ -6,7 +6,7 @@ The `gguf` package only reads and writes the container; what goes in it follows 
 A run whose model or tokenizer cannot be written is refused before anything is merged.
 1-D tensors (norms, biases) stay float32; 2-D tensors are f16, or q8_0 (blocks of 32 along a row; rows whose
 length is not a multiple of 32 stay f16). Tensors are written one at a time, so memory holds one tensor.
-The k-quants (q4_k_m, q5_k_m) are llama.cpp's: the f16 file is written to a temporary folder and quantized
+The k-quants (q4_k_m, q5_k_m, q6_k) are llama.cpp's: the f16 file is written to a temporary folder and quantized
 from there (artifacts/gguf_quantize.py).
 """
 
@@ -59,7 +59,7 @@ def export_gguf(
     Args:
         run_path: the run folder.
         out: the .gguf file (default RUN_DIR/model-TYPE.gguf).
-        quant_type: f16, q8_0 (written here), q4_k_m or q5_k_m (by llama.cpp, from the f16 file).
+        quant_type: f16, q8_0 (written here), q4_k_m, q5_k_m or q6_k (by llama.cpp, from the f16 file).
         overwrite: replace an existing `out`.
         force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 

@@ -1,4 +1,4 @@
-"""GGUF k-quants (q4_k_m, q5_k_m) by llama.cpp's own quantizer, through llama-cpp-python.
+"""GGUF k-quants (q4_k_m, q5_k_m, q6_k) by llama.cpp's own quantizer, through llama-cpp-python.
 
 The `gguf` package writes f16 and q8_0 itself (artifacts/gguf.py) but has no k-quant encoder, and the
 `_M` mixes are llama.cpp's choice per tensor (Q6_K for the output head and half of the attn_v and
@@ -7,7 +7,7 @@ ffn_down matrices, the named type elsewhere), so the f16 file is written first a
 
 k-quants pack rows in super-blocks of 256 values: a matrix whose rows are not a multiple of 256 long
 (models with a hidden size of 64 or 128) gets another type from llama.cpp (Q5_0 for Q4_K, Q5_1 for Q5_K,
-F16 where 32 does not divide the row either); the export says how many matrices that concerned.
+Q8_0 for Q6_K, F16 where 32 does not divide the row either); the export says how many matrices that concerned.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from pathlib import Path
 from finetune.errors import FinetuneError, InputError
 
 # --type -> the name of llama.cpp's `llama_ftype` for it (an attribute of the llama_cpp module)
-K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+K_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 K_BLOCK = 256
 INSTALL = (
     "pip install 'finetune[llama-cpp]' (a source build of llama.cpp; on a machine other than the one it "

@@ -25,7 +25,7 @@ def add(verbs) -> None:
         "--type",
         choices=["f16", "q8_0", *K_QUANTS],
         default="f16",
-        help="gguf, ollama: tensor type (default f16; the k-quants q4_k_m and q5_k_m by llama.cpp, which needs "
+        help="gguf, ollama: tensor type (default f16; the k-quants q4_k_m, q5_k_m, q6_k by llama.cpp, which needs "
         "the llama-cpp extra)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
