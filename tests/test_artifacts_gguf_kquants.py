@@ -146,7 +146,7 @@ def test_k_quants_without_llama_cpp_are_refused_before_any_merge(tiny_run, tmp_p
         assert main([*args, "--out", str(tmp_path / export_format)]) == 2
         message = capsys.readouterr().err.strip()
         assert message.startswith("error: --type q5_k_m: needs llama.cpp's quantizer, which cannot be loaded")
-        assert message.endswith("pip install 'finetune[llama-cpp]' (a source build of llama.cpp; on a machine "
-                                'other than the one it runs on, CMAKE_ARGS="-DGGML_NATIVE=OFF")')  # fmt: skip
+        assert message.endswith("pip install 'finetune[llama-cpp]' (it builds llama.cpp from source; for a build "
+                                'that runs on other CPUs too, set CMAKE_ARGS="-DGGML_NATIVE=OFF")')  # fmt: skip
     assert sorted(path.name for path in run_dir.iterdir()) == before
     assert list(tmp_path.iterdir()) == []

@@ -25,8 +25,8 @@ K_QUANTS = {
 }
 K_BLOCK = 256
 INSTALL = (
-    "pip install 'finetune[llama-cpp]' (a source build of llama.cpp; on a machine other than the one it "
-    'runs on, CMAKE_ARGS="-DGGML_NATIVE=OFF")'
+    "pip install 'finetune[llama-cpp]' (it builds llama.cpp from source; for a build that runs on other CPUs "
+    'too, set CMAKE_ARGS="-DGGML_NATIVE=OFF")'
 )
 
 
