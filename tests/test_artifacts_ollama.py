@@ -44,7 +44,8 @@ def _block(pieces, i):
     while i < len(pieces):
         kind, text = pieces[i]
         if kind == "text":
-            nodes.append(("text", text)) if text else None
+            if text:
+                nodes.append(("text", text))
             i += 1
             continue
         assert re.fullmatch(r" [^-].*[^-] ", text, re.S), f"a trim marker or no spaces: {{{{{text}}}}}"
