@@ -110,6 +110,26 @@ WHITESPACE_SPLIT_PRE_TOKENIZER = {
     ],
 }
 TINY = str(REPO / "data" / "tiny-llama")
+# numbers every message: each user turn is opened with other text, which a Go template cannot write
+NUMBERED_TURNS_TEMPLATE = (
+    "{% for m in messages %}{{ 'Turn ' ~ loop.index ~ ' ' ~ m['role'] ~ ': ' ~ m['content'] ~ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}Turn {{ messages | length + 1 }} assistant:{% endif %}"
+)
+
+
+def chat_run_with_template(template: str) -> Callable[[Path], None]:
+    """The finished run as a LIMA run whose tokenizer saved `template`, the chat template it trained with."""
+    lima = edit_yaml(
+        "recipe.yaml",
+        lambda r: r["data"].update(format="lima", goat=None, path=str(REPO / "data" / "lima_sample.jsonl")),
+    )
+
+    def setup(copy: Path) -> None:
+        lima(copy)
+        (copy / "adapter" / "chat_template.jinja").write_text(template)
+
+    return setup
+
 
 CASES = [
     # --- YAML itself
@@ -383,6 +403,17 @@ CASES = [
          "(llama-bpe) and Qwen2 (qwen2); this one splits text with the expression \\s+, which llama.cpp would "
          "not reproduce",
          setup=edit_json("adapter/tokenizer.json", lambda t: t.update(pre_tokenizer=WHITESPACE_SPLIT_PRE_TOKENIZER))),
+    # --- Ollama export: a chat template no Modelfile TEMPLATE reproduces, refused before anything is merged
+    Case("ollama-untranslatable-chat-template", ("export", "{copy}", "--format", "ollama"), 2,
+         "error: {copy}/adapter/chat_template.jinja: the chat template cannot be written as an Ollama TEMPLATE: "
+         "the first user turn is opened differently from the others; export --format gguf and write the "
+         "Modelfile's TEMPLATE by hand", setup=chat_run_with_template(NUMBERED_TURNS_TEMPLATE)),
+    Case("ollama-several-prompt-formats", ("export", "{copy}", "--format", "ollama"), 2,
+         "error: data.sources: the run trained on several prompt formats (alpaca, goat) and a Modelfile has one "
+         "TEMPLATE; export --format gguf and write the Modelfile by hand",
+         setup=edit_yaml("recipe.yaml", lambda r: r["data"].update(goat=None, sources=[
+             {"format": "goat", "goat": r["data"]["goat"]},
+             {"format": "alpaca", "path": str(REPO / "data" / "alpaca_sample.json")}]))),
     Case("eval-base-changed-shape", ("eval", "{copy}"), 2,
          "re:error: {copy}/adapter: the adapter does not fit the base model "
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",

@@ -21,19 +21,22 @@ from finetune.recipe.schema import Recipe
 Library = Literal["peft", "transformers", "gguf"]
 
 
-def write_card(run_path: Path, target: Path, *, library: Library, files: list[str] = ()) -> None:
+def write_card(
+    run_path: Path, target: Path, *, library: Library, files: list[str] = (), served: Path | None = None
+) -> None:
     """Write the model card of the run at `run_path` to `target` (a README.md).
 
     Args:
         files: the GGUF files the card describes (library gguf).
+        served: the local folder a whole model's serving commands name (None: a hub repo, THIS_REPO).
 
     Raises:
         InputError: `run_path` is not a run folder, or its recipe no longer loads.
     """
-    target.write_text(model_card(run_path, library=library, files=files), encoding="utf-8")
+    target.write_text(model_card(run_path, library=library, files=files, served=served), encoding="utf-8")
 
 
-def model_card(run_path: Path, *, library: Library, files: list[str] = ()) -> str:
+def model_card(run_path: Path, *, library: Library, files: list[str] = (), served: Path | None = None) -> str:
     """The README.md text: front matter, then method, hyper-parameters, metrics and the recipe.
 
     Raises:
@@ -61,6 +64,7 @@ def model_card(run_path: Path, *, library: Library, files: list[str] = ()) -> st
         "",
         gguf_usage(recipe, files) if library == "gguf" else usage(recipe, library),
         "",
+        *([serving(recipe, served), ""] if library == "transformers" else []),
         "## Recipe",
         "",
         f"The resolved recipe, every default filled in (also `recipe.yaml` in this folder), trained with "
@@ -170,6 +174,40 @@ def usage(recipe: Recipe, library: Library) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO_OR_FOLDER")',
         ]
     return "\n".join(["```python", *code, "```"])
+
+
+def serving(recipe: Recipe, folder: Path | None) -> str:
+    """How vLLM and text-generation-inference serve the whole model: the local `folder`, or this hub repo."""
+    from finetune.data.formats import uses_chat_template
+
+    chat = uses_chat_template(recipe.data.formats)
+    model = str(folder) if folder is not None else "THIS_REPO"
+    vllm = f"vllm serve {model}"
+    if chat and folder is not None:  # the template the run trained with (saved with its tokenizer), named outright
+        vllm += f" --chat-template {folder / 'chat_template.jinja'}"
+    mount = f"-v {folder}:/data " if folder is not None else ""
+    lines = [
+        "## Serve",
+        "",
+        "With [vLLM](https://docs.vllm.ai) (an OpenAI-compatible server on port 8000) or "
+        "[text-generation-inference](https://huggingface.co/docs/text-generation-inference) (port 8080):",
+        "",
+        "```bash",
+        vllm,
+        f"docker run --gpus all --shm-size 1g -p 8080:80 {mount}ghcr.io/huggingface/text-generation-inference "
+        f"--model-id {'/data' if folder is not None else model}",
+        "```",
+        "",
+    ]
+    prompt = example_prompt(recipe)
+    if chat:
+        lines.append("Their chat endpoints (`/v1/chat/completions`) apply the chat template the run trained with.")
+    elif prompt:
+        lines.append(
+            "The run trained on prompts, not chats: send the prompt it trained with to the completions endpoint "
+            f"(`/v1/completions`, or TGI's `/generate`), e.g. {json.dumps(prompt)}."
+        )
+    return "\n".join(lines).rstrip("\n")
 
 
 def gguf_usage(recipe: Recipe, files: list[str]) -> str:

@@ -70,12 +70,15 @@ def export_adapter(
     target = Path(out) if out is not None else run / "export" / ("model" if whole_model else "adapter")
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock):
         claim_folder(target, overwrite=overwrite, key="--out", protect=RunDir(run))
-        files = write_folder(target, lambda folder: fill_export(run, recipe, folder))
+        files = write_folder(target, lambda folder: fill_export(run, recipe, folder, served=target.resolve()))
     return Export(target, files, whole_model)
 
 
-def fill_export(run: Path, recipe: Recipe, folder: Path) -> list[str]:
+def fill_export(run: Path, recipe: Recipe, folder: Path, *, served: Path | None = None) -> list[str]:
     """Copy the run's artifact, tokenizer, card and recipe into the empty `folder`; returns the file names.
+
+    Args:
+        served: where `folder` ends up, which a whole model's card tells vLLM and TGI to serve (None: a hub repo).
 
     Raises:
         InputError: the run has no finished artifact.
@@ -99,7 +102,7 @@ def fill_export(run: Path, recipe: Recipe, folder: Path) -> list[str]:
         shutil.copyfile(artifact / name, folder / name)  # fresh permissions: peft writes weights owner-only
     if not whole_model:
         point_at_base(folder / "adapter_config.json", recipe.model)
-    write_card(run, folder / "README.md", library="transformers" if whole_model else "peft")
+    write_card(run, folder / "README.md", library="transformers" if whole_model else "peft", served=served)
     shutil.copyfile(run / "recipe.yaml", folder / "recipe.yaml")
     return sorted([*copied, "README.md", "recipe.yaml"])
 

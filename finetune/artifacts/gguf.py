@@ -6,6 +6,8 @@ The `gguf` package only reads and writes the container; what goes in it follows 
 A run whose model or tokenizer cannot be written is refused before anything is merged.
 1-D tensors (norms, biases) stay float32; 2-D tensors are f16, or q8_0 (blocks of 32 along a row; rows whose
 length is not a multiple of 32 stay f16). Tensors are written one at a time, so memory holds one tensor.
+The k-quants (q4_k_m, q5_k_m, q6_k) are llama.cpp's: the f16 file is written to a temporary folder and quantized
+from there (artifacts/gguf_quantize.py).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.artifacts.gguf_arch import ROPE_FREQS, gguf_name
+from finetune.artifacts.gguf_quantize import K_QUANTS, describe_types, quantize_gguf, require_quantizer
 from finetune.artifacts.gguf_vocab import SENTENCEPIECE
 from finetune.errors import InputError
 from finetune.run_folder import RunDir, read_trained_recipe, write_atomically
 
 Echo = Callable[[str], None]
-TYPES = ("f16", "q8_0")
+TYPES = ("f16", "q8_0", *K_QUANTS)
 Q8_BLOCK = 32
 
 
@@ -56,13 +59,14 @@ def export_gguf(
     Args:
         run_path: the run folder.
         out: the .gguf file (default RUN_DIR/model-TYPE.gguf).
-        quant_type: f16 or q8_0.
+        quant_type: f16, q8_0 (written here), q4_k_m, q5_k_m or q6_k (by llama.cpp, from the f16 file).
         overwrite: replace an existing `out`.
         force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
     Raises:
         InputError: a prefix/prompt run, a model family or tokenizer llama.cpp's conventions are not written for
-            here (before any merge), `out` exists or is claimed by another command.
+            here, a k-quant without llama-cpp-python (all before any merge), `out` exists or is claimed by
+            another command.
     """
     from finetune.lock import claim
 
@@ -79,19 +83,41 @@ def write_run_gguf(run_dir, recipe, target: Path, quant_type: str, *, overwrite:
 
     if target.exists() and not overwrite:
         raise InputError(f"--out: {target} exists; pass --overwrite to replace it")
+    require_quantizer(quant_type)
     if recipe.adapter.kind == "none":
         if not run_dir.model.is_dir():
             raise InputError(f"{run_dir.path}: has no model/; did the run finish?")
         sentencepiece = sentencepiece_model(recipe, run_dir.model)
-        write_gguf(run_dir.model, target, quant_type, echo, where=run_dir.path, sentencepiece=sentencepiece)
+        with tempfile.TemporaryDirectory(dir=run_dir.path, prefix=".gguf-") as scratch:
+            convert(
+                run_dir.model, target, quant_type, echo, Path(scratch), where=run_dir.path, sentencepiece=sentencepiece
+            )
         return target
     check_mergeable(run_dir, recipe)
     check_run_exportable(run_dir, recipe)
     with tempfile.TemporaryDirectory(dir=run_dir.path, prefix=".gguf-") as scratch:
         # in the base checkpoint's own dtype (merge's default): nothing is lost before the GGUF types are chosen
         merged = merge_run(run_dir.path, out=Path(scratch) / "merged", echo=echo).path
-        write_gguf(merged, target, quant_type, echo, where=run_dir.path)
+        convert(merged, target, quant_type, echo, Path(scratch), where=run_dir.path)
     return target
+
+
+def convert(
+    folder: Path, target: Path, quant_type: str, echo: Echo, scratch: Path, *, where: Path, sentencepiece=None
+) -> None:
+    """`write_gguf`, or for a k-quant: the f16 file in `scratch` (removed with it), quantized by llama.cpp."""
+    if quant_type not in K_QUANTS:
+        write_gguf(folder, target, quant_type, echo, where=where, sentencepiece=sentencepiece)
+        return
+    f16 = scratch / "model-f16.gguf"
+    write_gguf(folder, f16, "f16", echo, where=where, sentencepiece=sentencepiece, report=False)
+    write_atomically(target, lambda partial: quantize_gguf(f16, partial, quant_type))
+    counts = describe_types(target, quant_type, echo)
+    shown = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    echo(
+        f"GGUF ({quant_type} by llama.cpp from f16 of {f16.stat().st_size:,} bytes; {sum(counts.values())} tensors: "
+        f"{shown}) written to {target} ({target.stat().st_size:,} bytes)"
+    )
 
 
 def check_run_exportable(run_dir, recipe) -> None:
@@ -143,12 +169,14 @@ def write_gguf(
     *,
     where: Path | None = None,
     sentencepiece: Path | None = None,
+    report: bool = True,
 ) -> None:
     """Convert a transformers folder (safetensors, config, tokenizer) of a supported family into one GGUF file.
 
     Args:
         where: the folder named in errors (the run folder), default `folder`.
         sentencepiece: the tokenizer's SentencePiece model, default `folder`/tokenizer.model if there is one.
+        report: echo what was written (off for an intermediate file).
 
     Raises:
         InputError: an unsupported family, rope scaling or tokenizer.
@@ -185,6 +213,8 @@ def write_gguf(
     write_atomically(target, fill)
     if note := sliding_window_note(config):
         echo(note)
+    if not report:
+        return
     counts = {}
     for item in plan:
         counts[item["type_name"]] = counts.get(item["type_name"], 0) + 1

@@ -5,10 +5,10 @@ Shard by shard: each safetensors file of the base is read on its own, every tens
 with its update (read by the adapter kind's method, `model/methods/`) and written out before the next is
 read (see `artifacts/shards.py`), so peak memory is the adapter plus a tensor or two, under one base shard,
 where peft's `merge_and_unload` holds the whole model. The output keeps the base's sharding, with an index
-when there is more than one file, plus config.json (dtype set), generation_config.json and the run's
-tokenizer. Weights keep the base checkpoint's dtype unless told otherwise, so a bf16 base gives a bf16
-merge. It is written to `OUT.partial`, checked (see `artifacts/verify.py`), and only then renamed to OUT:
-a merge that fails leaves nothing that looks usable.
+when there is more than one file, plus config.json (dtype set), generation_config.json, the run's
+tokenizer and its card (README.md: how to load and serve the folder). Weights keep the base checkpoint's
+dtype unless told otherwise, so a bf16 base gives a bf16 merge. It is written to `OUT.partial`, checked (see
+`artifacts/verify.py`), and only then renamed to OUT: a merge that fails leaves nothing that looks usable.
 
 A QLoRA run merges into its original 16-bit base weights by default, or with `base_weights="dequantized"`
 (`--base dequantized`) into the 4-bit weights it trained against, dequantized (`artifacts/dequantize.py`).
@@ -139,10 +139,14 @@ def write_merge(
         )
 
     def fill(partial: Path) -> MergeResult:
+        from finetune.artifacts.card import write_card
+
         shards, untied = write_merged(
             recipe, run_dir.adapter, base, partial, dtype_name, device, echo, dequantize=dequantize
         )
         write_tokenizer_and_config(recipe, run_dir.adapter, base, partial, dtype_name, untied=untied)
+        # the card's serving commands name the folder as it will be once renamed into place
+        write_card(run_dir.path, partial / "README.md", library="transformers", served=target.resolve())
         check = None
         if verify:
             from finetune.artifacts.verify import check_merged

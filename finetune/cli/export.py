@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finetune.artifacts.gguf_quantize import K_QUANTS  # names only: llama_cpp is imported when it quantizes
 from finetune.cli.options import add_force_unlock, add_verb
 
 
@@ -10,15 +11,23 @@ def add(verbs) -> None:
         verbs,
         "export",
         handle,
-        "write what a run trained as a clean PEFT folder (adapter) or GGUF (gguf)",
+        "write what a run trained as a clean PEFT folder (adapter), GGUF (gguf) or a folder for Ollama (ollama)",
         recipe=False,
     )
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
     export.add_argument(
-        "--out", metavar="PATH", help="where to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf)"
+        "--out",
+        metavar="PATH",
+        help="where to write (default RUN_DIR/export/adapter, RUN_DIR/model-TYPE.gguf, RUN_DIR/export/ollama)",
     )
-    export.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf: tensor type (default f16)")
+    export.add_argument(
+        "--type",
+        choices=["f16", "q8_0", *K_QUANTS],
+        default="f16",
+        help="gguf, ollama: tensor type (default f16; the k-quants q4_k_m, q5_k_m, q6_k by llama.cpp, which needs "
+        "the llama-cpp extra)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_force_unlock(export)
 
@@ -49,5 +58,14 @@ def export_gguf(args) -> int:
     return 0
 
 
+def export_ollama(args) -> int:
+    from finetune.artifacts.ollama import export_ollama
+
+    export_ollama(
+        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+    )
+    return 0
+
+
 # --format of `finetune export` -> its handler; a new format is one entry here
-FORMATS = {"adapter": export_adapter, "gguf": export_gguf}
+FORMATS = {"adapter": export_adapter, "gguf": export_gguf, "ollama": export_ollama}
