@@ -153,13 +153,56 @@ def test_the_report_shows_each_prompt_answer_by_step(runs, tmp_path):
         assert f"<pre>{escape(step2['generated'])}</pre>" in table and escape(final["reference"]) in table
 
 
+@pytest.mark.parametrize(
+    "adapter, checkpointing",
+    [({"kind": "lora", "r": 8, "dropout": 0.1}, True), ({"kind": "prefix", "num_virtual_tokens": 4}, False)],
+    ids=["lora-checkpointed", "prefix"],
+)
+def test_generating_mid_training_puts_the_model_back_as_it_was(write_recipe, tokenizer, adapter, checkpointing):
+    from finetune.data.build import build_datasets
+    from finetune.eval.generate import answer_sample_prompts, pick_sample_prompts
+    from finetune.model.adapters import wrap_adapter
+    from finetune.model.load import load_model
+
+    recipe = load_recipe(write_recipe(adapter=adapter, train={"gradient_checkpointing": checkpointing}))
+    base = load_model(recipe.model, None, device="cpu", tokenizer=tokenizer)
+    model = wrap_adapter(base, recipe.adapter, gradient_checkpointing=checkpointing, tokenizer_source="")
+    if checkpointing:  # as the Trainer turns it on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    base.model.embed_tokens.eval()  # a module its owner left in eval mode stays so
+    modes, use_cache, rng = (
+        {n: m.training for n, m in model.named_modules()},
+        base.config.use_cache,
+        torch.get_rng_state(),
+    )
+    _, prompts = pick_sample_prompts(build_datasets(recipe.data, tokenizer, 0).train, [], 1)
+
+    with sampling.generating(model):
+        during = answer_sample_prompts(model, tokenizer, prompts)  # prefix-tuning generates with the KV cache only
+        assert not any(m.training for m in model.modules())  # no dropout while answering
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert base.is_activation_checkpointing == checkpointing and base.config.use_cache == use_cache
+    assert torch.get_rng_state().equal(rng)
+    assert during == answer_sample_prompts(model.eval(), tokenizer, prompts) and all(s["generated"] for s in during)
+
+
 def test_samples_every_needs_prompts_and_is_refused_under_fsdp(write_recipe, monkeypatch):
-    from finetune.errors import RecipeError
-    from finetune.recipe.checks import check_fsdp
+    from finetune.errors import InputError, RecipeError
+    from finetune.train.launch import check_launch, read_accelerate_config
+
+    from conftest import REPO
 
     with pytest.raises(RecipeError, match="eval.samples_every: answers the eval.samples prompts during training"):
         load_recipe(write_recipe(eval={"samples": 0, "samples_every": 2}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the check that follows the GPU check
+    config = read_accelerate_config(str(REPO / "accelerate_configs" / "fsdp.yaml"))
     recipe = load_recipe(write_recipe(eval={"samples": 2, "samples_every": 2}))
-    assert [p.path for p in check_fsdp(recipe, "bf16")] == [("eval", "samples_every")]
-    at_the_end_only = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"samples_every": 0})})
-    assert check_fsdp(at_the_end_only, "bf16") == []
+    with pytest.raises(InputError) as refused:
+        check_launch(recipe, config, "fsdp.yaml")
+    assert str(refused.value) == (
+        "fsdp.yaml (FSDP): eval.samples_every: FSDP shards the weights over the processes, so generating during "
+        "training would make them all decode in lockstep, and training hangs if one stops a token early; set "
+        "eval.samples_every: 0 (samples.json is still written at the end)"
+    )
+    check_launch(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"samples_every": 0})}), config, "x")

@@ -17,6 +17,7 @@ h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #d
 table { border-collapse: collapse; margin: 0.5rem 0; } td, th { padding: 0.25rem 0.7rem; text-align: left;
 vertical-align: top; border-bottom: 1px solid #eee; } th { background: #f6f6f6; }
 pre { background: #f6f6f6; padding: 0.7rem; overflow-x: auto; white-space: pre-wrap; }
+td pre { margin: 0; padding: 0.3rem 0.5rem; } th { white-space: nowrap; }
 img { max-width: 100%; } .muted { color: #777; } .status-finished { color: #17702d; }
 .status-failed, .status-interrupted { color: #a11; font-weight: bold; }
 """
