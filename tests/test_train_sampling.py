@@ -29,7 +29,13 @@ def sampling_recipe(folder, tiny_model_dir, name: str, samples_every: int):
     recipe = {
         "model": {"name_or_path": str(tiny_model_dir)},
         "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1},
-        "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 128, "max_rows": 24},
+        "data": {
+            "format": "alpaca",
+            "path": str(SAMPLE_DATA),
+            "max_seq_len": 128,
+            "max_rows": 24,
+            "eval_fraction": 0.2,
+        },
         "train": {
             "max_steps": 4,
             "micro_batch_size": 4,
@@ -43,7 +49,6 @@ def sampling_recipe(folder, tiny_model_dir, name: str, samples_every: int):
         "eval": {"samples": 2, "samples_every": samples_every},
         "output": {"dir": str(folder / name), "report": False, "tensorboard": False},
     }
-    recipe["data"]["eval_fraction"] = 0.2
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
@@ -118,9 +123,9 @@ def test_the_comparison_sees_a_sampler_that_draws_from_the_rng(runs, tiny_model_
     assert main(["run", str(unguarded), "eval.samples=1"]) == 0
 
     plain = load_file(runs / "plain" / "adapter" / "adapter_model.safetensors")
-    for name, drawn in (("guarded", True), ("unguarded", False)):
+    for name, same_as_plain in (("guarded", True), ("unguarded", False)):
         trained = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
-        assert all(trained[key].equal(plain[key]) for key in plain) is drawn, name
+        assert all(trained[key].equal(plain[key]) for key in plain) is same_as_plain, name
 
 
 def test_a_resumed_run_keeps_the_earlier_samples_once(runs, tmp_path, capsys):
@@ -128,8 +133,9 @@ def test_a_resumed_run_keeps_the_earlier_samples_once(runs, tmp_path, capsys):
     shutil.copytree(runs / "sampled", run)
     # as a kill after step 4 was sampled and before checkpoint-4 was complete leaves the folder
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
-    for name in ("adapter", "samples.json", "summary.json"):
-        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    shutil.rmtree(run / "adapter")
+    (run / "samples.json").unlink()
+    (run / "summary.json").unlink()
     records = (run / "samples.jsonl").read_text()
     (run / "samples.jsonl").write_text(records.replace('"step": 2', '"step": 2, "kept": true'))  # to tell it apart
 
@@ -171,17 +177,14 @@ def test_generating_mid_training_puts_the_model_back_as_it_was(write_recipe, tok
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     base.model.embed_tokens.eval()  # a module its owner left in eval mode stays so
-    modes, use_cache, rng = (
-        {n: m.training for n, m in model.named_modules()},
-        base.config.use_cache,
-        torch.get_rng_state(),
-    )
+    modes = {name: module.training for name, module in model.named_modules()}
+    use_cache, rng = base.config.use_cache, torch.get_rng_state()
     _, prompts = pick_sample_prompts(build_datasets(recipe.data, tokenizer, 0).train, [], 1)
 
     with sampling.generating(model):
         during = answer_sample_prompts(model, tokenizer, prompts)  # prefix-tuning generates with the KV cache only
         assert not any(m.training for m in model.modules())  # no dropout while answering
-    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {name: module.training for name, module in model.named_modules()} == modes
     assert base.is_activation_checkpointing == checkpointing and base.config.use_cache == use_cache
     assert torch.get_rng_state().equal(rng)
     assert during == answer_sample_prompts(model.eval(), tokenizer, prompts) and all(s["generated"] for s in during)
