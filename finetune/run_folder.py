@@ -16,6 +16,7 @@ model/             the whole fine-tuned model and the tokenizer (adapter.kind: n
 summary.json       status, wall time, first/last losses, parameter counts (and exact match, if scored)
 eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
 samples.json       a few greedy generations next to their references (eval.samples)
+samples.jsonl      the same prompts answered during training, one record per sampled step (eval.samples_every)
 report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)
 .claim             only while a command writes the folder: which process (finetune/lock.py)
 
@@ -74,6 +75,7 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.json")
     eval = property(lambda self: self.path / "eval.json")
     samples = property(lambda self: self.path / "samples.json")
+    sample_steps = property(lambda self: self.path / "samples.jsonl")
     report = property(lambda self: self.path / "report.html")
 
     @classmethod
@@ -326,6 +328,11 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_sample_steps(run: RunDir) -> list[dict]:
+    """samples.jsonl's records, `{step, samples}` each, oldest first (none before the first sampled step)."""
+    return read_metrics(run.sample_steps)  # JSON lines of step records, like metrics.jsonl
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,9 @@ CASES = [
     Case("exact-match-on-alpaca", validate("eval.exact_match=10"), 2,
          "error: command line: eval.exact_match=10: scores Goat arithmetic answers; this recipe's data is alpaca; "
          "remove it (eval loss is logged with data.eval_fraction or data.eval_path)"),
+    Case("samples-every-without-samples", validate("eval.samples_every=2"), 2,
+         "error: command line: eval.samples_every=2: answers the eval.samples prompts during training, and "
+         "eval.samples is 0; set eval.samples to the number of prompts to follow (e.g. 4), or remove samples_every"),
     Case("output-dir-root", validate("output.dir=/"), 2,
          "error: command line: output.dir=/: must not be /: a run folder is emptied by --overwrite; choose a folder "
          "of its own, e.g. runs/NAME"),

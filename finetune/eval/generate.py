@@ -243,34 +243,57 @@ def generate(target: str | Path, rows: list[dict], sampling: Sampling, *, prompt
     return answers
 
 
-def sample_generations(model, tokenizer, samples, *, n: int = 4, max_new_tokens: int = 96) -> list[dict]:
-    """Greedy answers to the prompts of the first `n` samples, next to the responses they were trained on.
+@dataclass(frozen=True)
+class SamplePrompt:
+    """A sample's prompt (everything before its first trained token) and its reference (the trained span after)."""
 
-    Works on token ids, so every data format (and chat template) is prompted exactly as in training: the
-    prompt is everything before the first trained token, the reference the trained span that follows.
+    row: str
+    prompt: list[int]
+    reference: list[int]
+
+
+def pick_sample_prompts(train, eval, n: int) -> tuple[str, list[SamplePrompt]]:
+    """(where they come from, prompts) of the first `n` held-out samples with a trained span, or of the training
+    samples when there is no eval split: the prompts of samples.json and of samples.jsonl alike.
+
+    Works on token ids, so every data format (and chat template) is prompted exactly as in training.
     """
-    picked = [s for s in samples if any(s.completion_mask)][:n]
-    prompts, references = [], []
-    for sample in picked:
+    source, samples = ("held-out rows", eval) if eval else ("training rows (no eval split)", train)
+    picked = []
+    for sample in (s for s in samples if any(s.completion_mask)):
+        if len(picked) == n:
+            break
         start = sample.completion_mask.index(1)
         end = start
         while end < len(sample.completion_mask) and sample.completion_mask[end]:
             end += 1
-        prompts.append(sample.input_ids[:start])
-        references.append(sample.input_ids[start:end])
-    if not picked:
+        picked.append(SamplePrompt(sample.row, sample.input_ids[:start], sample.input_ids[start:end]))
+    return source, picked
+
+
+def answer_sample_prompts(model, tokenizer, prompts: list[SamplePrompt], *, max_new_tokens: int = 96) -> list[dict]:
+    """Greedy answers to `prompts`, next to the references: `{row, prompt, reference, generated}` each.
+
+    At most 8 tokens longer than the longest reference, and at most `max_new_tokens`; one prompt at a time, so
+    no answer depends on the padding of another. The caller puts the model in eval mode.
+    """
+    if not prompts:
         return []
-    model.eval()
-    longest = min(max(len(ids) for ids in references) + 8, max_new_tokens)
+    longest = min(max(len(p.reference) for p in prompts) + 8, max_new_tokens)
     generated = generate_from_ids(
-        model, tokenizer, prompts, max_new_tokens=longest, batch_size=1, label="eval: answering sample prompts"
+        model,
+        tokenizer,
+        [p.prompt for p in prompts],
+        max_new_tokens=longest,
+        batch_size=1,
+        label="eval: answering sample prompts",
     )
     return [
         {
-            "row": sample.row,
-            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "row": p.row,
+            "prompt": tokenizer.decode(p.prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(p.reference, skip_special_tokens=True),
             "generated": text,
         }
-        for sample, prompt, reference, text in zip(picked, prompts, references, generated, strict=True)
+        for p, text in zip(prompts, generated, strict=True)
     ]

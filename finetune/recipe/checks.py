@@ -92,6 +92,14 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
                 "remove it (eval loss is logged with data.eval_fraction or data.eval_path)",
             )
         )
+    if recipe.eval.samples_every and not recipe.eval.samples:
+        problems.append(
+            KeyProblem(
+                ("eval", "samples_every"),
+                "answers the eval.samples prompts during training, and eval.samples is 0",
+                "set eval.samples to the number of prompts to follow (e.g. 4), or remove samples_every",
+            )
+        )
     # what an adapter kind cannot train with is part of its meaning, held by its method (light: no peft import)
     from finetune.model.methods import method_of
 
@@ -118,12 +126,33 @@ PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def check_fsdp(recipe: Recipe, precision: str) -> list[KeyProblem]:
-    """What FSDP cannot shard: 8-bit weights, and 4-bit weights stored in a dtype other than the compute dtype.
+    """What FSDP cannot do: shard 8-bit weights, or 4-bit weights stored in a dtype other than the compute dtype;
+    generate samples during training.
 
     Args:
         recipe: the validated recipe.
         precision: the run's resolved precision (bf16, fp16 or fp32).
     """
+    return _check_fsdp_sampling(recipe) + _check_fsdp_quant(recipe, precision)
+
+
+def _check_fsdp_sampling(recipe: Recipe) -> list[KeyProblem]:
+    # Sharded weights are gathered layer by layer inside every process's forward, so one process cannot
+    # generate alone, and processes decoding together must stop at the same token or the others hang in the
+    # next gather, mid-training, with everything since the last checkpoint lost.
+    if not recipe.eval.samples_every:
+        return []
+    return [
+        KeyProblem(
+            ("eval", "samples_every"),
+            "FSDP shards the weights over the processes, so generating during training would make them all decode "
+            "in lockstep, and training hangs if one stops a token early",
+            "set eval.samples_every: 0 (samples.json is still written at the end)",
+        )
+    ]
+
+
+def _check_fsdp_quant(recipe: Recipe, precision: str) -> list[KeyProblem]:
     quant = recipe.quant
     if quant is None:
         return []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune.model.methods import run_method_name
 from finetune.report import plots
-from finetune.run_folder import RunRecord, read_run, write_text
+from finetune.run_folder import RunDir, RunRecord, read_run, read_sample_steps, write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 62rem; color: #222; }
@@ -17,6 +17,7 @@ h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #d
 table { border-collapse: collapse; margin: 0.5rem 0; } td, th { padding: 0.25rem 0.7rem; text-align: left;
 vertical-align: top; border-bottom: 1px solid #eee; } th { background: #f6f6f6; }
 pre { background: #f6f6f6; padding: 0.7rem; overflow-x: auto; white-space: pre-wrap; }
+td pre { margin: 0; padding: 0.3rem 0.5rem; } th { white-space: nowrap; }
 img { max-width: 100%; } .muted { color: #777; } .status-finished { color: #17702d; }
 .status-failed, .status-interrupted { color: #a11; font-weight: bold; }
 """
@@ -64,7 +65,7 @@ def build_report(run_path: str | Path) -> Path:
             "<h2>Throughput</h2>",
             _image(images["throughput"], "real tokens per second"),
             _goat_section(goat, images.get("goat")),
-            _samples_section(_read_json(run.path / "samples.json")),
+            _samples_section(_read_json(run.path / "samples.json"), read_sample_steps(RunDir(run.path))),
             "<h2>Data</h2>",
             _data_section(_read_json(run.path / "data.json")),
             "<h2>Recipe</h2>",
@@ -122,7 +123,9 @@ def _goat_section(goat: dict | None, image: bytes | None) -> str:
     return "\n".join(parts)
 
 
-def _samples_section(samples: dict | None) -> str:
+def _samples_section(samples: dict | None, steps: list[dict]) -> str:
+    if steps:
+        return _sample_steps_section(samples, steps)
     if not samples or not samples.get("samples"):
         return ""
     rows = [(s["row"], s["prompt"], s["reference"], s["generated"]) for s in samples["samples"]]
@@ -133,6 +136,29 @@ def _samples_section(samples: dict | None) -> str:
             _table(rows, header=("row", "prompt", "reference", "generated"), pre=True),
         ]
     )
+
+
+def _sample_steps_section(final: dict | None, steps: list[dict]) -> str:
+    """One table per prompt: its answer at each sampled step (samples.jsonl), the final one (samples.json; "-"
+    before the run has finished), and the reference."""
+    finals = {sample["row"]: sample for sample in (final or {}).get("samples", [])}
+    prompts, answers = {}, {}
+    for record in steps:
+        for sample in record["samples"]:
+            prompts.setdefault(sample["row"], sample)
+            answers.setdefault(sample["row"], []).append((f"step {record['step']}", sample["generated"]))
+    for row, sample in finals.items():  # eval.samples may have grown on a resume: answered at the end only
+        prompts.setdefault(row, sample)
+    source = f" on {escape(final['source'])}" if final else ""
+    parts = [
+        "<h2>Sample generations</h2>",
+        f'<p class="muted">greedy{source}, during training (eval.samples_every) and at the end</p>',
+    ]
+    for row, sample in prompts.items():
+        final_answer = finals[row]["generated"] if row in finals else None
+        rows = [*answers.get(row, []), ("final", final_answer), ("reference", sample["reference"])]
+        parts += [f"<h3>{escape(row)}</h3>", f"<pre>{escape(sample['prompt'])}</pre>", _table(rows, pre=True)]
+    return "\n".join(parts)
 
 
 def _data_section(data: dict | None) -> str:

@@ -22,9 +22,8 @@ def save_artifact(model, tokenizer, target: Path, *, state_dict: dict | None = N
 
 def write_samples(model, tokenizer, data, run_dir: RunDir, n: int) -> None:
     """samples.json: a few greedy generations next to their references, for report.html."""
-    from finetune.eval.generate import sample_generations
+    from finetune.eval.generate import answer_sample_prompts, pick_sample_prompts
 
-    source, samples = ("held-out rows", data.eval) if data.eval else ("training rows (no eval split)", data.train)
-    run_dir.write_json(
-        run_dir.samples, {"source": source, "samples": sample_generations(model, tokenizer, samples, n=n)}
-    )
+    source, prompts = pick_sample_prompts(data.train, data.eval, n)
+    model.eval()
+    run_dir.write_json(run_dir.samples, {"source": source, "samples": answer_sample_prompts(model, tokenizer, prompts)})

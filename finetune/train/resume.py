@@ -2,8 +2,8 @@
 
 The Trainer restores the adapter (or model), optimizer, scheduler, RNG states and data position from the
 checkpoint (`resume_from_checkpoint`); this module decides whether resuming is sound and tidies the
-folder so that it reads as one run: metrics.jsonl keeps only records up to the checkpoint's step (the
-steps after it are trained again), and checkpoints that never completed are removed.
+folder so that it reads as one run: metrics.jsonl and samples.jsonl keep only records up to the checkpoint's
+step (the steps after it are trained again), and checkpoints that never completed are removed.
 """
 
 from __future__ import annotations
@@ -111,10 +111,14 @@ def prepare_for_resume(run_dir: RunDir, checkpoints: Checkpoints, echo) -> None:
     dropped = truncate_metrics(run_dir.metrics, checkpoints.step)
     if dropped:
         echo(f"resume: {dropped} metrics record(s) after step {checkpoints.step} dropped; those steps run again")
+    dropped = truncate_metrics(run_dir.sample_steps, checkpoints.step)
+    if dropped:
+        echo(f"resume: {dropped} samples.jsonl record(s) after step {checkpoints.step} dropped")
 
 
 def truncate_metrics(path: Path, step: int) -> int:
-    """Keep the records of steps up to `step`; returns how many were dropped."""
+    """Keep the records of steps up to `step` in a JSON-lines file of step records (metrics.jsonl, samples.jsonl);
+    returns how many were dropped."""
     if not path.is_file():
         return 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

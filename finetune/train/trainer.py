@@ -110,14 +110,20 @@ def to_hf_dataset(samples):
 def build_trainer(
     model, tokenizer, train_samples, eval_samples, recipe: Recipe, run: RunDir, *, device: str, callbacks=()
 ):
-    """The run's `SFTTrainer`, with metrics.jsonl, complete-checkpoint markers, (optionally) TensorBoard,
-    and `callbacks`."""
+    """The run's `SFTTrainer`, with metrics.jsonl, complete-checkpoint markers, (optionally) samples.jsonl and
+    TensorBoard, and `callbacks`."""
     from trl import SFTTrainer
 
     from finetune.train.callbacks import CompleteCheckpointCallback
     from finetune.train.metrics import MetricsFileCallback
 
     callbacks = [MetricsFileCallback(run.metrics), CompleteCheckpointCallback(run.checkpoints), *callbacks]
+    if recipe.eval.samples_every:
+        from finetune.eval.generate import pick_sample_prompts
+        from finetune.train.sampling import SampleGenerationsCallback
+
+        _, prompts = pick_sample_prompts(train_samples, eval_samples, recipe.eval.samples)
+        callbacks.append(SampleGenerationsCallback(prompts, run.sample_steps, every=recipe.eval.samples_every))
     if recipe.output.tensorboard:
         from transformers.integrations import TensorBoardCallback
 

@@ -201,6 +201,14 @@ class EvalSpec(Section):
         description="Held-out prompts (training prompts if there is no eval split) answered greedily after "
         "training, shown next to their references in report.html; written to DIR/samples.json. 0 = off.",
     )
+    samples_every: int = Field(
+        0,
+        ge=0,
+        description="Also answer the eval.samples prompts every N optimizer steps during training, as at the end "
+        "(greedy, same length limit and stop tokens), one record per step appended to DIR/samples.jsonl; "
+        "report.html shows each prompt's answers step by step. Costs one generation per prompt each time. "
+        "0 = only at the end. Not with FSDP.",
+    )
 
 
 class Recipe(Section):
