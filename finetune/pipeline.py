@@ -68,11 +68,13 @@ def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) ->
     from finetune.train.launch import check_fsdp_launch, check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, check_same_hub_inputs, find_resume_point
     from finetune.train.summary import summarize
+    from finetune.train.trackers import check_tracker_packages, tracking
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
     if not is_main_process():  # every process trains; one prints and writes the run folder
         echo = lambda _: None  # noqa: E731
+    check_tracker_packages(recipe.output.trackers)
     run_dir = RunDir(Path(recipe.output.dir)) if resume else RunDir.claim(recipe.output.dir, overwrite=overwrite)
     device = pick_device(recipe.train.use_cpu)
     check_fsdp_launch(recipe, mixed_precision(recipe.train, device), device)  # raises now, not after loading
@@ -108,9 +110,13 @@ def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) ->
 
     open_run_folder(run_dir, recipe, data, device, checkpoints, echo, hub_inputs)
     stop = StopOnSignalCallback()
-    trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
-    check_trainer_distribution(trainer)
-    train_until_stopped(trainer, run_dir, checkpoints.complete if checkpoints else None, stop, started)
+    resume_from = checkpoints.complete if checkpoints else None
+    with tracking(recipe, run_dir, resumed_from=resume_from and resume_from.name, echo=echo):
+        trainer = build_trainer(
+            model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop]
+        )
+        check_trainer_distribution(trainer)
+        train_until_stopped(trainer, run_dir, resume_from, stop, started)
     artifact = run_dir.path / method_of(recipe.adapter).artifact_folder
     # Under FSDP each process holds a shard: gather the whole state dict (every process takes part) so the
     # saved adapter is an ordinary PEFT folder that merge and export read as they are.

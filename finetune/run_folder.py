@@ -9,7 +9,9 @@ environment.json   library versions, Python, platform, device, git commit of fin
 data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint, and the
                    hub commit of each data set (hub_inputs)
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
-tensorboard/       TensorBoard event files of the same metrics
+tensorboard/       TensorBoard event files of the same metrics (output.trackers)
+wandb/, mlruns/    the W&B offline run and the local MLflow store, when output.trackers names them
+trackers.json      the tracker runs of the run: ids, local folders, URLs (finetune/train/trackers.py)
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
 adapter/           the final PEFT adapter and the tokenizer (LoRA, prefix, prompt)
 model/             the whole fine-tuned model and the tokenizer (adapter.kind: none)
@@ -68,6 +70,7 @@ class RunDir:
     data = property(lambda self: self.path / "data.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
+    trackers = property(lambda self: self.path / "trackers.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
     model = property(lambda self: self.path / "model")
@@ -265,7 +268,8 @@ def read_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     """
     run = open_run(path)
     check_run_format(run)
-    return load_recipe(run.recipe, [*overrides, f"output.dir={json.dumps(str(run.path))}"], check_files=check_files)
+    overrides = [*overrides, f"output.dir={json.dumps(str(run.path))}"]
+    return load_recipe(run.recipe, overrides, check_files=check_files, record=True)
 
 
 def read_trained_recipe(path: str | Path) -> Recipe:

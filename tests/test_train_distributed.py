@@ -127,13 +127,13 @@ def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(write_
         "ddp.yaml",
         train={**common, "micro_batch_size": 2},
         data={"max_rows": 24},
-        output={"dir": str(tmp_path / "ddp"), "tensorboard": False},
+        output={"dir": str(tmp_path / "ddp"), "trackers": []},
     )
     single = write_recipe(
         "single.yaml",
         train={**common, "micro_batch_size": 4},
         data={"max_rows": 24},
-        output={"dir": str(tmp_path / "single"), "tensorboard": False},
+        output={"dir": str(tmp_path / "single"), "trackers": []},
     )
     assert main(["run", str(ddp), "--accelerate-config", str(config_path)]) == 0
     assert main(["run", str(single)]) == 0
@@ -186,7 +186,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(wri
         yaml.safe_dump(yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()})
     )
     train = {"max_steps": 6, "save_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
-    data, output = {"max_rows": 32}, {"tensorboard": False}
+    data, output = {"max_rows": 32}, {"trackers": []}
     recipes = {
         name: write_recipe(f"{name}.yaml", train=train, data=data, output=output | {"dir": str(tmp_path / name)})
         for name in ("whole", "resumed")

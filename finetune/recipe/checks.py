@@ -69,6 +69,9 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
             )
         )
     problems += _check_batch_sizing(train)
+    repeated = sorted({name for name in recipe.output.trackers if recipe.output.trackers.count(name) > 1})
+    if repeated:
+        problems.append(KeyProblem(("output", "trackers"), f"names {', '.join(repeated)} more than once"))
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:
