@@ -38,13 +38,15 @@ def run(
     it looks at the folder, and released however the run ends.
 
     Raises:
-        InputError: output.dir is claimed by another command; bad output folder, tokenizer, data or model, or a
-            run folder that this recipe cannot resume (nothing written yet).
+        InputError: a tracker's package is missing; output.dir is claimed by another command; bad output folder,
+            tokenizer, data or model, or a run folder that this recipe cannot resume (nothing written yet).
         Interrupted: Ctrl-C; a checkpoint was saved first.
     """
     from finetune.lock import claim
     from finetune.run_folder import is_main_process
+    from finetune.train.trackers import check_tracker_packages
 
+    check_tracker_packages(recipe.output.trackers)  # before any model loads, and before the claim
     if not is_main_process():  # it writes nothing to the folder
         return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
     # under a launch, the main process writes under the claim of the command that launched it
@@ -68,13 +70,12 @@ def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) ->
     from finetune.train.launch import check_fsdp_launch, check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, check_same_hub_inputs, find_resume_point
     from finetune.train.summary import summarize
-    from finetune.train.trackers import check_tracker_packages, tracking
+    from finetune.train.trackers import tracking
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
     if not is_main_process():  # every process trains; one prints and writes the run folder
         echo = lambda _: None  # noqa: E731
-    check_tracker_packages(recipe.output.trackers)
     run_dir = RunDir(Path(recipe.output.dir)) if resume else RunDir.claim(recipe.output.dir, overwrite=overwrite)
     device = pick_device(recipe.train.use_cpu)
     check_fsdp_launch(recipe, mixed_precision(recipe.train, device), device)  # raises now, not after loading

@@ -178,7 +178,9 @@ class MlflowRun:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-        run_id = previous["id"] if previous and previous.get("tracking_uri") == uri else None
+        # the same store: the same tracking URI, or the local store of this folder (which may have moved)
+        same_store = previous and (previous.get("tracking_uri") == uri or (previous.get("local") and self.local))
+        run_id = previous["id"] if same_store else None
         if run_id and not _run_exists(client, run_id):
             run_id = None  # its store was removed: a new run, which `tracking` points out
         tags = {f"finetune.{RUN_FOLDER_KEY}": str(run_dir.path.absolute())}
