@@ -44,9 +44,14 @@ def offline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracked_run(offline, tmp_path_factory, tiny_model_dir):
     """A 3-step run (eval at step 2) logging to all three trackers, through the CLI."""
+    import importlib.util
+
     import yaml
 
-    from conftest import SAMPLE_DATA
+    from conftest import SAMPLE_DATA, require
+
+    installed = all(importlib.util.find_spec(name) for name in ("wandb", "mlflow"))
+    require(installed, "wandb and mlflow-skinny are not installed (pip install -e '.[test]')")
 
     folder = tmp_path_factory.mktemp("tracked")
     recipe = {
