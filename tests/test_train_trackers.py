@@ -261,6 +261,20 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tracked_run, tmp_path):
     assert not any("not found" in line for line in lines)
 
 
+def test_every_tracker_of_the_schema_is_attached_by_transformers_or_by_the_trainer():
+    from typing import get_args
+
+    from finetune.recipe.schema import Tracker
+    from finetune.train.trackers import tracker_integrations
+
+    names = list(get_args(Tracker))
+    # TensorBoard is build_trainer's own callback; every other name must be one report_to knows
+    assert tracker_integrations(names) == [name for name in names if name != "tensorboard"]
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    assert set(tracker_integrations(names)) <= set(INTEGRATION_TO_CALLBACK)
+
+
 def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads(write_recipe, tmp_path):
     blocker = tmp_path / "hide-wandb"
     blocker.mkdir()

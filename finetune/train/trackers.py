@@ -71,7 +71,8 @@ def tracking(recipe: Recipe, run_dir: RunDir, *, resumed_from: str | None, echo:
             runs[name] = starters[name](recipe, run_dir, previous.get(name), resumed_from)
             stack.push(runs[name].end)
         record = {name: run.record for name, run in runs.items()}
-        run_dir.write_json(run_dir.trackers, record)
+        # a tracker dropped on resume keeps its entry: the runs it names still hold the first steps
+        run_dir.write_json(run_dir.trackers, previous | record)
         for name, entry in record.items():
             where = f"at {entry['url']}" if entry["url"] else f"in {entry['local']}"
             continued = (previous.get(name) or {}).get("id")
@@ -197,7 +198,7 @@ class MlflowRun:
             "id": info.run_id,
             "experiment_id": info.experiment_id,
             "tracking_uri": uri,
-            "local": str(run_dir.path / "mlruns") if self.local else None,
+            "local": str((run_dir.path / "mlruns").absolute()) if self.local else None,
             "url": f"{web}/#/experiments/{info.experiment_id}/runs/{info.run_id}" if web else None,
         }
 
