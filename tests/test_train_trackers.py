@@ -258,7 +258,25 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tracked_run, tmp_path):
     assert second["mlflow"]["tracking_uri"] == (copy / "mlruns").absolute().as_uri()
     run = mlflow_client(second["mlflow"]["tracking_uri"]).get_run(first["mlflow"]["id"])
     assert run.data.tags["finetune.resumed_from"] == "checkpoint-2" and run.info.status == "FINISHED"
-    assert not any("not found" in line for line in lines)
+    assert not any("cannot be continued" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_whose_mlflow_store_is_gone_says_that_it_starts_a_new_run(tracked_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(tracked_run, copy)
+    shutil.rmtree(copy / "mlruns")
+    first = json.loads((copy / "trackers.json").read_text())["mlflow"]["id"]
+    recipe = load_recipe(copy / "recipe.yaml", [f"output.dir={copy}", "output.trackers=[mlflow]"])
+    lines = []
+    with tracking(recipe, RunDir(copy), resumed_from="checkpoint-2", echo=lines.append):
+        pass
+    trackers = json.loads((copy / "trackers.json").read_text())
+    assert trackers["mlflow"]["id"] != first
+    assert f"mlflow: run {first} of trackers.json cannot be continued here; a new run follows" in lines
+    assert trackers["wandb"]["id"]  # dropped from output.trackers, still named
 
 
 def test_every_tracker_of_the_schema_is_attached_by_transformers_or_by_the_trainer():

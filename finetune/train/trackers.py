@@ -77,7 +77,7 @@ def tracking(recipe: Recipe, run_dir: RunDir, *, resumed_from: str | None, echo:
             where = f"at {entry['url']}" if entry["url"] else f"in {entry['local']}"
             continued = (previous.get(name) or {}).get("id")
             if continued and continued != entry["id"]:
-                echo(f"{name}: run {continued} of {run_dir.trackers.name} was not found; this is a new run")
+                echo(f"{name}: run {continued} of {run_dir.trackers.name} cannot be continued here; a new run follows")
             echo(f"{name}: run {entry['id']} {where}")
         yield
 
