@@ -40,6 +40,7 @@ import yaml
 from finetune.errors import InputError
 from finetune.lock import CLAIM_NAME
 from finetune.recipe.load import load_recipe
+from finetune.recipe.renamed import upgrade_record
 from finetune.recipe.schema import Recipe
 
 T = TypeVar("T")
@@ -292,8 +293,11 @@ def read_trained_recipe(path: str | Path) -> Recipe:
 
 def read_recipe_mapping(path: str | Path) -> dict:
     """The stored recipe as plain YAML, not validated: for listings, which must not fail on an old run whose
-    data or base model has since moved."""
-    return yaml.safe_load(open_run(path).recipe.read_text(encoding="utf-8")) or {}
+    data or base model has since moved. Keys an older version wrote are given in their current form."""
+    mapping = yaml.safe_load(open_run(path).recipe.read_text(encoding="utf-8")) or {}
+    if isinstance(mapping, dict):
+        upgrade_record(mapping)
+    return mapping
 
 
 def check_run_format(run: RunDir) -> None:

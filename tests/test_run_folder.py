@@ -124,6 +124,7 @@ def test_a_run_folder_written_with_output_tensorboard_reads_back_with_trackers(
     stored["output"]["tensorboard"] = enabled  # as recipe.yaml was written before output.trackers
     (copy / "recipe.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
     assert read_recipe(copy).output.trackers == trackers
+    assert read_run(copy).recipe["output"] == {**read_run(tiny_run("lora")).recipe["output"], "trackers": trackers}
     # the same file as a recipe of one's own is refused, saying what to write
     with pytest.raises(RecipeError) as refused:
         load_recipe(copy / "recipe.yaml")
