@@ -326,3 +326,23 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads(wri
     )
     assert "trainable params" not in done.stdout  # no model was loaded
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_training_that_fails_ends_the_tracker_runs_as_failed(tracked_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(tracked_run, copy, ignore=shutil.ignore_patterns("wandb", "mlruns", "trackers.json"))
+    recipe = load_recipe(copy / "recipe.yaml", [f"output.dir={copy}"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with tracking(recipe, RunDir(copy), resumed_from=None, echo=lambda _: None):
+            raise RuntimeError("out of memory")
+    trackers = json.loads((copy / "trackers.json").read_text())
+    [exit_record] = [
+        r.exit for r in finished_wandb_records(wandb_log_of(copy)) if r.WhichOneof("record_type") == "exit"
+    ]
+    assert exit_record.exit_code == 1
+    run = mlflow_client(trackers["mlflow"]["tracking_uri"]).get_run(trackers["mlflow"]["id"])
+    assert run.info.status == "FAILED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_ALLOW_FILE_STORE" not in os.environ

@@ -163,7 +163,6 @@ class MlflowRun:
 
     def __init__(self, recipe: Recipe, run_dir: RunDir, previous: dict | None, resumed_from: str | None):
         import mlflow
-        from mlflow import MlflowClient
 
         self.mlflow = mlflow
         self.local = not os.environ.get("MLFLOW_TRACKING_URI")
@@ -175,6 +174,17 @@ class MlflowRun:
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         if self.local:
             mlflow.set_tracking_uri(uri)  # MLflowCallback logs through the global tracking URI
+        try:
+            self.record = self._start(recipe, run_dir, uri, previous, resumed_from)
+        except BaseException:
+            self._restore()
+            raise
+
+    def _start(self, recipe: Recipe, run_dir: RunDir, uri: str, previous: dict | None, resumed_from: str | None):
+        """Start (or continue) the run; its entry of trackers.json."""
+        from mlflow import MlflowClient
+
+        mlflow = self.mlflow
         client = MlflowClient(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
         experiment = client.get_experiment_by_name(name)
@@ -194,7 +204,7 @@ class MlflowRun:
             mlflow.log_artifact(str(run_dir.recipe))
         info = self.run.info
         web = uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
-        self.record = {
+        return {
             "id": info.run_id,
             "experiment_id": info.experiment_id,
             "tracking_uri": uri,
@@ -206,10 +216,14 @@ class MlflowRun:
         try:
             self.mlflow.end_run(status=self.STATUSES[outcome(error_type)])
         finally:
-            if self.local:
-                self.mlflow.set_tracking_uri(None)  # it also set MLFLOW_TRACKING_URI, for this process
-            if self.allowed_file_store:
-                os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+            self._restore()
+
+    def _restore(self) -> None:
+        """Undo the process-wide settings made for the local store, so that a later run is not logged there."""
+        if self.local:
+            self.mlflow.set_tracking_uri(None)  # it had also set MLFLOW_TRACKING_URI, for this process
+        if self.allowed_file_store:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
 
 
 def _run_exists(client, run_id: str) -> bool:
