@@ -346,3 +346,21 @@ def test_training_that_fails_ends_the_tracker_runs_as_failed(tracked_run, tmp_pa
     run = mlflow_client(trackers["mlflow"]["tracking_uri"]).get_run(trackers["mlflow"]["id"])
     assert run.info.status == "FAILED"
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+
+
+def test_wandb_counts_as_logged_in_with_a_key_or_a_netrc_entry_for_its_host(tmp_path, monkeypatch):
+    from finetune.train.trackers import wandb_logged_in
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not wandb_logged_in()  # no file
+    netrc.write_text("machine example.com login user password secret\n")
+    assert not wandb_logged_in()  # an entry for another host
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")  # as `wandb login` writes
+    assert wandb_logged_in()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert not wandb_logged_in()  # a W&B server of one's own needs its own entry
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_logged_in()
