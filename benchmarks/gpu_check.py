@@ -112,7 +112,7 @@ def run_keys(target: Target, out: Path, steps: int, save_steps: int = 100000) ->
         "data.cache=false",
         "eval.samples=0",
         "output.report=false",
-        "output.tensorboard=false",
+        "output.trackers=[]",
         f"output.dir={out}",
     ]
 

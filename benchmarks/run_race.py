@@ -36,7 +36,7 @@ def write_recipe(folder: Path) -> Path:
         "data": {"path": str(REPO / "data" / "alpaca_sample.json"), "max_seq_len": 128, "max_rows": 32},
         "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1, "logging_steps": 1},
         "eval": {"samples": 0},
-        "output": {"dir": str(folder / "run"), "report": False, "tensorboard": False},
+        "output": {"dir": str(folder / "run"), "report": False, "trackers": []},
     }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

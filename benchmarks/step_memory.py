@@ -176,7 +176,7 @@ def overrides_for(method: str, checkpointing: bool, model: Path, steps: int, out
         "data.cache=false",
         "eval.samples=0",
         "output.report=false",
-        "output.tensorboard=false",
+        "output.trackers=[]",
         f"output.dir={out}",
     ]
 

@@ -108,7 +108,7 @@ def run_finetune(model: Path, overrides: list[str], steps: int, out: Path, *, tr
             f"adapter.dropout={LORA['dropout']}",
             "eval.samples=0",
             "output.report=false",
-            "output.tensorboard=false",
+            "output.trackers=[]",
             f"output.dir={out / 'run'}",
             *overrides,
         ],

@@ -97,7 +97,7 @@ def run_finetune(model: Path, steps: int, out: Path, overrides: list[str], hooks
             "data.cache=false",
             "eval.samples=0",
             "output.report=false",
-            "output.tensorboard=false",
+            "output.trackers=[]",
             f"output.dir={out / 'run'}",
             *overrides,
         ],

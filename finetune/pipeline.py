@@ -38,13 +38,15 @@ def run(
     it looks at the folder, and released however the run ends.
 
     Raises:
-        InputError: output.dir is claimed by another command; bad output folder, tokenizer, data or model, or a
-            run folder that this recipe cannot resume (nothing written yet).
+        InputError: a tracker's package is missing; output.dir is claimed by another command; bad output folder,
+            tokenizer, data or model, or a run folder that this recipe cannot resume (nothing written yet).
         Interrupted: Ctrl-C; a checkpoint was saved first.
     """
     from finetune.lock import claim
     from finetune.run_folder import is_main_process
+    from finetune.train.trackers import check_tracker_packages
 
+    check_tracker_packages(recipe.output.trackers)  # before any model loads, and before the claim
     if not is_main_process():  # it writes nothing to the folder
         return run_claimed(recipe, overwrite=overwrite, resume=resume, echo=echo)
     # under a launch, the main process writes under the claim of the command that launched it
@@ -68,6 +70,7 @@ def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) ->
     from finetune.train.launch import check_fsdp_launch, check_trainer_distribution, close_process_group
     from finetune.train.resume import check_same_data, check_same_hub_inputs, find_resume_point
     from finetune.train.summary import summarize
+    from finetune.train.trackers import tracking
     from finetune.train.trainer import build_trainer, mixed_precision
 
     started = time.time()
@@ -108,9 +111,13 @@ def run_claimed(recipe: Recipe, *, overwrite: bool, resume: bool, echo: Echo) ->
 
     open_run_folder(run_dir, recipe, data, device, checkpoints, echo, hub_inputs)
     stop = StopOnSignalCallback()
-    trainer = build_trainer(model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop])
-    check_trainer_distribution(trainer)
-    train_until_stopped(trainer, run_dir, checkpoints.complete if checkpoints else None, stop, started)
+    resume_from = checkpoints.complete if checkpoints else None
+    with tracking(recipe, run_dir, resumed_from=resume_from and resume_from.name, echo=echo):
+        trainer = build_trainer(
+            model, tokenizer, data.train, data.eval, recipe, run_dir, device=device, callbacks=[stop]
+        )
+        check_trainer_distribution(trainer)
+        train_until_stopped(trainer, run_dir, resume_from, stop, started)
     artifact = run_dir.path / method_of(recipe.adapter).artifact_folder
     # Under FSDP each process holds a shard: gather the whole state dict (every process takes part) so the
     # saved adapter is an ordinary PEFT folder that merge and export read as they are.

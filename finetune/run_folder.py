@@ -9,7 +9,9 @@ environment.json   library versions, Python, platform, device, git commit of fin
 data.json          data report: source hash, rows kept/dropped/truncated, token counts, fingerprint, and the
                    hub commit of each data set (hub_inputs)
 metrics.jsonl      one JSON object per logging step (train loss, lr, eval loss, ...)
-tensorboard/       TensorBoard event files of the same metrics
+tensorboard/       TensorBoard event files of the same metrics (output.trackers)
+wandb/, mlruns/    the W&B offline run and the local MLflow store, when output.trackers names them
+trackers.json      the tracker runs of the run: ids, local folders, URLs (finetune/train/trackers.py)
 checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG states)
 adapter/           the final PEFT adapter and the tokenizer (LoRA, prefix, prompt)
 model/             the whole fine-tuned model and the tokenizer (adapter.kind: none)
@@ -39,6 +41,7 @@ import yaml
 from finetune.errors import InputError
 from finetune.lock import CLAIM_NAME
 from finetune.recipe.load import load_recipe
+from finetune.recipe.renamed import upgrade_record
 from finetune.recipe.schema import Recipe
 
 T = TypeVar("T")
@@ -69,6 +72,7 @@ class RunDir:
     data = property(lambda self: self.path / "data.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
+    trackers = property(lambda self: self.path / "trackers.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
     model = property(lambda self: self.path / "model")
@@ -267,7 +271,8 @@ def read_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     """
     run = open_run(path)
     check_run_format(run)
-    return load_recipe(run.recipe, [*overrides, f"output.dir={json.dumps(str(run.path))}"], check_files=check_files)
+    overrides = [*overrides, f"output.dir={json.dumps(str(run.path))}"]
+    return load_recipe(run.recipe, overrides, check_files=check_files, record=True)
 
 
 def read_trained_recipe(path: str | Path) -> Recipe:
@@ -295,8 +300,11 @@ def read_trained_recipe(path: str | Path) -> Recipe:
 
 def read_recipe_mapping(path: str | Path) -> dict:
     """The stored recipe as plain YAML, not validated: for listings, which must not fail on an old run whose
-    data or base model has since moved."""
-    return yaml.safe_load(open_run(path).recipe.read_text(encoding="utf-8")) or {}
+    data or base model has since moved. Keys an older version wrote are given in their current form."""
+    mapping = yaml.safe_load(open_run(path).recipe.read_text(encoding="utf-8")) or {}
+    if isinstance(mapping, dict):
+        upgrade_record(mapping)
+    return mapping
 
 
 def check_run_format(run: RunDir) -> None:

@@ -123,7 +123,7 @@ def test_the_headline_chain_from_a_hub_model_and_data_set_to_pushed_models(hub, 
     """run (hub model + hub data) -> merge -> push adapter -> push --merged -> a fresh process downloads both."""
     run = tmp_path / "run"
     sizes = ["train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum=1", "data.max_seq_len=128"]
-    sizes += ["data.max_rows=40", "output.report=false", "output.tensorboard=false", f"output.dir={run}"]
+    sizes += ["data.max_rows=40", "output.report=false", "output.trackers=[]", f"output.dir={run}"]
     args = ["recipes/alpaca_lora.yaml", f"model.name_or_path={MODEL_ID}", f"data.path={ALPACA_ID}", *sizes]
     home = tmp_path / "hf-home"
     done = finetune("run", *args, env=client_env(hub, home, token=None))

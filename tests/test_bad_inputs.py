@@ -153,6 +153,15 @@ CASES = [
     Case("recipe-missing", validate(recipe="no_such.yaml"), 2,
          "error: no_such.yaml: cannot read the recipe (FileNotFoundError: [Errno 2] No such file or directory: "
          "'no_such.yaml')"),
+    # --- keys of older versions, and output.trackers
+    Case("old-tensorboard-key", validate("output.tensorboard=false"), 2,
+         "error: command line: output.tensorboard=false: replaced by output.trackers, a list; use "
+         "output.trackers: [] instead (the list may also name wandb and mlflow)"),
+    Case("unknown-tracker", validate("output.trackers=[tensorboard, comet]"), 2,
+         "error: command line: output.trackers=[tensorboard, comet]: output.trackers.1: must be one of "
+         "'tensorboard', 'wandb' or 'mlflow' (got 'comet')"),
+    Case("repeated-tracker", validate("output.trackers=[wandb, wandb]"), 2,
+         "error: command line: output.trackers=[wandb, wandb]: names wandb more than once"),
     # --- unknown keys, at every level
     Case("unknown-section", validate("trian.lr=1"), 2,
          "error: command line: trian.lr=1: unknown key; did you mean 'train'?"),

@@ -55,7 +55,7 @@ def finetune(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 def run_args(output: Path, *overrides: str) -> list[str]:
     sizes = ["train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum=1", "train.save_steps=1"]
-    sizes += ["data.max_seq_len=128", "data.max_rows=40", "output.report=false", "output.tensorboard=false"]
+    sizes += ["data.max_seq_len=128", "data.max_rows=40", "output.report=false", "output.trackers=[]"]
     model = f"model.name_or_path={MODEL_ID}"
     return ["run", "recipes/alpaca_lora.yaml", model, *overrides, *sizes, f"output.dir={output}"]
 

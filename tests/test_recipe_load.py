@@ -158,9 +158,9 @@ def test_python_dash_m_entry_point():
 
 def test_problem_in_the_file_is_not_blamed_on_an_override_of_a_sibling_key(write_recipe, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(write_recipe().read_text().replace(f"  dir: {tmp_path / 'run'}\n", "  tensorboard: true\n"))
-    line = path.read_text().splitlines().index("  tensorboard: true") + 1
-    [problem] = problems_of(path, ["output.tensorboard=false"])
+    path.write_text(write_recipe().read_text().replace(f"  dir: {tmp_path / 'run'}\n", "  trackers: []\n"))
+    line = path.read_text().splitlines().index("  trackers: []") + 1
+    [problem] = problems_of(path, ["output.trackers=[tensorboard]"])
     assert problem.startswith(f"{path}:{line}:3: output.dir: required key is missing")
 
 

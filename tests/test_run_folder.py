@@ -8,8 +8,9 @@ import shutil
 import pytest
 import yaml
 
-from finetune.errors import InputError
+from finetune.errors import InputError, RecipeError
 from finetune.model.methods import run_method_name
+from finetune.recipe.load import load_recipe
 from finetune.run_folder import (
     RunDir,
     claim_folder,
@@ -110,3 +111,27 @@ def test_a_listing_reads_a_run_whose_recipe_no_longer_validates(tiny_run, tmp_pa
     assert record.status == "finished" and record.steps == 2 and run_method_name(record.recipe) == "lora"
     with pytest.raises(Exception, match="retired_key"):
         read_recipe(copy)  # the validated reader refuses what the listing shows
+
+
+@pytest.mark.parametrize("enabled, trackers, written", [(True, ["tensorboard"], "[tensorboard]"), (False, [], "[]")])
+def test_a_run_folder_written_with_output_tensorboard_reads_back_with_trackers(
+    tiny_run, tmp_path, enabled, trackers, written
+):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_run("lora"), copy)
+    stored = yaml.safe_load((copy / "recipe.yaml").read_text())
+    del stored["output"]["trackers"]
+    stored["output"]["tensorboard"] = enabled  # as recipe.yaml was written before output.trackers
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert read_recipe(copy).output.trackers == trackers
+    assert read_run(copy).recipe["output"] == {**read_run(tiny_run("lora")).recipe["output"], "trackers": trackers}
+    # the same file as a recipe of one's own is refused, saying what to write
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(copy / "recipe.yaml")
+    [problem] = refused.value.problems
+    assert str(problem).endswith(
+        f"output.tensorboard: replaced by output.trackers, a list; use output.trackers: {written} instead "
+        "(the list may also name wandb and mlflow)"
+    )
+    with pytest.raises(RecipeError, match="output.tensorboard=false: replaced by output.trackers"):
+        read_recipe(copy, ["output.tensorboard=false"])  # an override is the user's own, too

@@ -48,7 +48,7 @@ def recipe_for(tiny_model_dir: Path, folder: Path, run: Path, **changes) -> Path
         "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 128},
         "train": {key: value for key, value in train.items() if key not in changes or value is not None},
         "eval": {"samples": 0},
-        "output": {"dir": str(run), "report": False, "tensorboard": False},
+        "output": {"dir": str(run), "report": False, "trackers": []},
     }
     path = folder / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

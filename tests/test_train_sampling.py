@@ -47,7 +47,7 @@ def sampling_recipe(folder, tiny_model_dir, name: str, samples_every: int):
             "save_total_limit": None,
         },
         "eval": {"samples": 2, "samples_every": samples_every},
-        "output": {"dir": str(folder / name), "report": False, "tensorboard": False},
+        "output": {"dir": str(folder / name), "report": False, "trackers": []},
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")

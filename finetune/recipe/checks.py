@@ -69,6 +69,9 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
             )
         )
     problems += _check_batch_sizing(train)
+    repeated = sorted({name for name in recipe.output.trackers if recipe.output.trackers.count(name) > 1})
+    if repeated:
+        problems.append(KeyProblem(("output", "trackers"), f"names {', '.join(repeated)} more than once"))
     model = recipe.model
     if model.tokenizer_revision is not None and model.tokenizer in (None, model.name_or_path):
         problems.append(

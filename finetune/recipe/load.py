@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from finetune.errors import Problem, RecipeError
 from finetune.recipe.checks import check_paths, cross_check
 from finetune.recipe.paths import resolve_paths
+from finetune.recipe.renamed import refuse_old_keys, upgrade_record
 from finetune.recipe.schema import ADAPTER_SPECS, Recipe
 
 KeyPath = tuple[str, ...]
@@ -52,7 +53,9 @@ class Origins:
         return self.file, ".".join(path)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] = (), *, check_files: bool = True, record: bool = False
+) -> Recipe:
     """Read, override and validate a recipe.
 
     Args:
@@ -60,6 +63,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
         overrides: `dotted.key=value` strings; values are parsed as YAML (`3`, `true`, `[a, b]`).
         check_files: require the local files and folders the recipe names to exist (off for the record
             of a finished run, whose relative paths may be read from another directory).
+        record: `path` is a run folder's recipe.yaml: keys an older version wrote are read in their current
+            form (recipe/renamed.py); in any other recipe they are refused, saying what replaces them.
 
     Raises:
         RecipeError: with every problem found, each located in the file or on the command line.
@@ -73,11 +78,14 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     raw, problems = parse_yaml(text, origins)
     if raw is None:
         raise RecipeError(problems)
+    if record:
+        upgrade_record(raw)
     problems += apply_overrides(raw, overrides, origins)
+    key_problems = refuse_old_keys(raw)
     resolve_paths(raw, Path(path).absolute().parent, set(origins.overrides))
     recipe, schema_problems = validate(raw, origins)
     problems += schema_problems
-    key_problems = (check_paths(raw) if check_files else []) + (cross_check(recipe) if recipe is not None else [])
+    key_problems += (check_paths(raw) if check_files else []) + (cross_check(recipe) if recipe is not None else [])
     problems += [Problem(*origins.locate(p.path), p.message, p.hint) for p in key_problems]
     if problems:
         raise RecipeError(sorted(problems, key=_reading_order))

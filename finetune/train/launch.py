@@ -20,6 +20,7 @@ from finetune.lock import claim
 from finetune.recipe.checks import check_fsdp
 from finetune.recipe.schema import Recipe
 from finetune.run_folder import RunDir
+from finetune.train.trackers import check_tracker_packages
 
 
 def world_size() -> int:
@@ -126,6 +127,7 @@ def launch_run(
         InputError: what check_launch refuses, an output.dir claimed by another command, or one that cannot
             take a new run.
     """
+    check_tracker_packages(recipe.output.trackers)  # before any process starts, as for the checks above
     check_launch(recipe, read_accelerate_config(config_path), config_path)
     with claim(recipe.output.dir, subject="output.dir", force_unlock=force_unlock) as held:
         if not resume:

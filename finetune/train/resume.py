@@ -22,7 +22,7 @@ from finetune.train.checkpoints import Checkpoints, scan_checkpoints
 KEYS_FREE_ON_RESUME = (
     "output.dir",
     "output.report",
-    "output.tensorboard",
+    "output.trackers",
     "train.save_total_limit",
     "data.cache",
     "eval.",

@@ -46,6 +46,8 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
     """Every training argument of the run, from the recipe only."""
     from trl import SFTConfig
 
+    from finetune.train.trackers import tracker_integrations
+
     train = recipe.train
     precision = mixed_precision(train, device)
     scheduler, scheduler_kwargs = schedule(train)
@@ -84,7 +86,10 @@ def build_sft_config(recipe: Recipe, run: RunDir, *, device: str, has_eval: bool
         # every token through the model, padding included; TRL's num_tokens counts the real ones, and the
         # two together give the padding share
         include_num_input_tokens_seen="all",
-        report_to="none",  # metrics.jsonl and TensorBoard are attached as callbacks, into the run folder
+        # W&B and MLflow through transformers' integrations, into the runs train/trackers.py has started;
+        # metrics.jsonl and TensorBoard are attached in build_trainer, so that both write into the run folder
+        report_to=tracker_integrations(recipe.output.trackers) or "none",
+        run_name=run.path.name,
         # Our samples are tokenized, masked and truncated already; TRL turns completion_mask into labels.
         # max_length is only the row length of bfd packing; otherwise TRL would re-truncate for nothing.
         max_length=recipe.data.max_seq_len if recipe.packing == "bfd" else None,
@@ -110,8 +115,8 @@ def to_hf_dataset(samples):
 def build_trainer(
     model, tokenizer, train_samples, eval_samples, recipe: Recipe, run: RunDir, *, device: str, callbacks=()
 ):
-    """The run's `SFTTrainer`, with metrics.jsonl, complete-checkpoint markers, (optionally) samples.jsonl and
-    TensorBoard, and `callbacks`."""
+    """The run's `SFTTrainer`, with metrics.jsonl, complete-checkpoint markers, (optionally) samples.jsonl, the
+    trackers of output.trackers, and `callbacks`."""
     from trl import SFTTrainer
 
     from finetune.train.callbacks import CompleteCheckpointCallback
@@ -124,12 +129,14 @@ def build_trainer(
 
         _, prompts = pick_sample_prompts(train_samples, eval_samples, recipe.eval.samples)
         callbacks.append(SampleGenerationsCallback(prompts, run.sample_steps, every=recipe.eval.samples_every))
-    if recipe.output.tensorboard:
+    if "tensorboard" in recipe.output.trackers:
         from transformers.integrations import TensorBoardCallback
 
+        # Not through report_to: the Trainer would make it write under checkpoints/runs/DATE (transformers 5
+        # has no logging_dir argument; only the process-wide TENSORBOARD_LOGGING_DIR moves it). The callback
+        # reopens its writer for the eval after training; the attribute (rather than a writer passed in)
+        # keeps that second writer in the run folder too.
         tensorboard = TensorBoardCallback()
-        # The callback reopens its writer for the eval after training; the attribute (rather than a
-        # writer passed in) keeps that second writer in the run folder too.
         tensorboard.logging_dir = str(run.tensorboard)
         callbacks.append(tensorboard)
     trainer = SFTTrainer(

@@ -25,6 +25,9 @@ from finetune.recipe.schema.adapter import (
 from finetune.recipe.schema.data import DataSpec, Format, GoatSpec, SourceSpec
 from finetune.recipe.schema.section import DType, Section
 
+# The experiment trackers output.trackers may name (finetune/train/trackers.py attaches each).
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
 __all__ = [
     "ADAPTER_SPECS",
     "AdapterSection",
@@ -45,6 +48,7 @@ __all__ = [
     "Recipe",
     "Section",
     "SourceSpec",
+    "Tracker",
     "TrainSpec",
 ]
 
@@ -179,7 +183,14 @@ class OutputSpec(Section):
     """The run folder."""
 
     dir: str = Field(description="Run folder: recipe, environment, data report, metrics, checkpoints, adapter.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard event files to DIR/tensorboard.")
+    trackers: list[Tracker] = Field(
+        ["tensorboard"],
+        description="Where else the training metrics go, besides DIR/metrics.jsonl: tensorboard (event files in "
+        "DIR/tensorboard), wandb (Weights & Biases: offline files in DIR/wandb unless logged in or WANDB_MODE is "
+        "set), mlflow (a local store in DIR/mlruns unless MLFLOW_TRACKING_URI is set). wandb and mlflow take the "
+        "resolved recipe as their run's config and need their extra (pip install 'finetune[wandb]'); the runs are "
+        "recorded in DIR/trackers.json. [] for none.",
+    )
     report: bool = Field(
         True, description="Write DIR/report.html and DIR/plots/*.png at the end (finetune report DIR rebuilds them)."
     )
