@@ -260,7 +260,7 @@ def config_hash(config: dict) -> str:
 
 
 def format_task_table(entries: dict[str, dict]) -> str:
-    """One line per task and metric: value, standard error, samples scored."""
+    """One line per task and metric: value and standard error (4 significant digits), samples scored."""
     rows = [("task", "metric", "value", "stderr", "samples")]
     for name, entry in entries.items():
         for metric, value in entry["metrics"].items():
@@ -270,10 +270,11 @@ def format_task_table(entries: dict[str, dict]) -> str:
                 (
                     name,
                     metric,
-                    f"{value:.4f}" if isinstance(value, int | float) else str(value),
-                    f"{stderr:.4f}" if stderr is not None else "-",
+                    f"{value:.4g}" if isinstance(value, int | float) else str(value),
+                    f"{stderr:.4g}" if stderr is not None else "-",
                     str(samples) if samples is not None else "-",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
