@@ -123,35 +123,44 @@ def quiet_lm_eval() -> Iterator[None]:
 def load_tasks(names: tuple[str, ...], include_path: Path | None):
     """(lm_eval TaskManager, the named tasks and groups, built with their datasets).
 
-    Scanning lm_eval's own catalogue (some 15,000 task files) takes seconds, so names that the include path
-    defines are looked up there alone; anything else (or a local group naming catalogue tasks) uses both.
+    Scanning lm_eval's own catalogue (some 15,000 task files) takes seconds, so tasks that the include path
+    defines are looked up there alone; anything else (a group or tag may name catalogue tasks) uses both.
 
     Raises:
-        InputError: a name neither catalogue defines, or a task that cannot be built (its dataset unreadable).
+        InputError: a name neither defines, or a task that cannot be built (its dataset unreadable).
     """
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None:
-        include_path = include_path.resolve()  # config_source then names the file wherever eval ran
-        local = TaskManager(include_path=str(include_path), include_defaults=False)
-        if all(name in local.all_tasks for name in names):
-            try:
-                return local, build_tasks(local, names)
-            except InputError:  # a local group naming catalogue tasks; a real error recurs below
-                pass
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    folder = str(include_path.resolve()) if include_path is not None else None  # config_source names it whole
+    if folder is not None:
+        local = TaskManager(include_path=folder, include_defaults=False)
+        if all(name in local.all_subtasks for name in names):
+            return local, build_tasks(local, names)
+    manager = TaskManager(include_path=folder)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
-        where = f"lm_eval's catalogue or {include_path}" if include_path is not None else "lm_eval's catalogue"
-        raise InputError(
-            f"--tasks: no task named {', '.join(map(repr, unknown))} in {where}; `lm-eval ls tasks` lists the "
-            "catalogue's names, and --include-path DIR adds the task YAML files of a folder"
-        )
+        raise InputError(unknown_tasks_message(unknown, manager.all_tasks, include_path))
     return manager, build_tasks(manager, names)
 
 
+def unknown_tasks_message(unknown: list[str], known: list[str], include_path: Path | None) -> str:
+    import difflib
+
+    where = f"lm_eval's catalogue or {include_path}" if include_path is not None else "lm_eval's catalogue"
+    close = [match for name in unknown for match in difflib.get_close_matches(name, known, n=1)]
+    suggestion = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return (
+        f"--tasks: no task named {', '.join(map(repr, unknown))} in {where}{suggestion}; `lm-eval ls tasks` lists "
+        "the catalogue's names, and --include-path DIR adds the task YAML files of a folder"
+    )
+
+
 def build_tasks(manager, names: tuple[str, ...]) -> list:
-    """The Task or Group object of each name (a tag: its tasks), datasets read."""
+    """The Task or Group object of each name (a tag: its tasks), datasets read.
+
+    Raises:
+        InputError: naming the task's YAML file and what went wrong.
+    """
     built = []
     for name in names:
         try:
