@@ -3,6 +3,7 @@ with the network off, and checked against scores computed here from the model's 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -15,9 +16,13 @@ import yaml
 
 from finetune.cli import main
 from finetune.data.formats import goat
+from finetune.data.templates import LIMA
+from finetune.errors import InputError
+from finetune.eval.harness import applies_chat_template
+from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import GoatSpec
 
-from conftest import require
+from conftest import REPO, require
 
 ROWS = 12
 LIMIT = 10  # the first 10 rows of each task are scored
@@ -190,3 +195,17 @@ def test_without_lm_eval_the_command_names_the_extra_before_reading_anything(mon
         "error: finetune eval --tasks needs lm-evaluation-harness: pip install 'finetune[lm-eval]'"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_chat_template_is_applied_by_default_only_to_runs_that_trained_through_one(write_recipe, tokenizer):
+    alpaca = load_recipe(write_recipe("alpaca.yaml"))
+    lima = load_recipe(write_recipe("lima.yaml", data={"format": "lima", "path": str(REPO / "data/lima_sample.jsonl")}))
+    with_template = copy.copy(tokenizer)
+    with_template.chat_template = LIMA
+    assert applies_chat_template("auto", lima, with_template) is True
+    assert applies_chat_template("auto", alpaca, with_template) is False
+    assert applies_chat_template("on", alpaca, with_template) is True
+    assert applies_chat_template("off", lima, with_template) is False
+    assert tokenizer.chat_template is None and applies_chat_template("auto", lima, tokenizer) is False
+    with pytest.raises(InputError, match="^--chat-template on: the model's tokenizer has no chat template$"):
+        applies_chat_template("on", alpaca, tokenizer)

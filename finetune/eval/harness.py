@@ -184,7 +184,8 @@ def applies_chat_template(choice: str, recipe: Recipe, tokenizer) -> bool:
     from finetune.data.formats import CHAT, prompt_format
 
     if choice == "auto":
-        return all(prompt_format(name) == CHAT for name in recipe.data.formats)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        return has_template and all(prompt_format(name) == CHAT for name in recipe.data.formats)
     if choice == "on" and not getattr(tokenizer, "chat_template", None):
         raise InputError("--chat-template on: the model's tokenizer has no chat template")
     return choice == "on"
