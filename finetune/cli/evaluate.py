@@ -17,7 +17,7 @@ def add(verbs) -> None:
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--n", type=int, default=500, help="held-out Goat problems to score (default 500)")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     harness = evaluate.add_argument_group("lm-evaluation-harness (pip install 'finetune[lm-eval]')")
     harness.add_argument(
         "--tasks",

@@ -5,9 +5,9 @@ recorded hub commit, or RUN_DIR/merged with `--model merged`), and handed to lm_
 lm_eval never loads weights of its own. Tasks are lm_eval's own or the task YAML files of `--include-path`;
 they are built (datasets read) before the model loads, so a wrong name or an unreadable dataset fails fast.
 
-Chat template: `auto` applies the run's chat template to every request when each data source of the run
-trained through one (lima, sharegpt), as `finetune generate` prompts such runs; runs trained on a plain-text
-template (alpaca, goat) see the task's text as it is, which is how lm_eval scores base models.
+Chat template: `auto` applies the chat template saved with the run's tokenizer to every request when each
+data source of the run trained through one (lima, sharegpt), as `finetune generate` prompts such runs; runs
+trained on a plain-text template (alpaca, goat) see the task's text as it is, as lm_eval scores base models.
 
 Each task's metrics go into eval.json's `tasks`, next to Goat exact match (written under the folder's claim).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,6 @@ from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
 from finetune.run_folder import RunDir, read_json, read_trained_recipe
 
-Echo = Callable[[str], None]
-MODELS = ("adapter", "merged")
-CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
 MISSING = "finetune eval --tasks needs lm-evaluation-harness: pip install 'finetune[lm-eval]'"
 
 
