@@ -381,6 +381,10 @@ CASES = [
     # --- finetune eval --tasks (lm-evaluation-harness; the task files are in lm_eval_tasks/)
     Case("eval-task-options-without-tasks", ("eval", "{run}", "--limit", "5", "--model", "merged"), 2,
          "error: --limit, --model: only with --tasks (lm-evaluation-harness tasks)"),
+    Case("eval-tasks-with-goat-n", ("eval", "{run}", "--tasks", "goat_choice", "--n", "20"), 2,
+         "error: --n: the number of Goat problems, not read with --tasks; give --limit N instead"),
+    Case("eval-tasks-limit-zero", ("eval", "{run}", "--tasks", "goat_choice", "--limit", "0"), 2,
+         "error: --limit: must be greater than 0 (got 0)"),
     Case("eval-tasks-no-include-folder", ("eval", "{run}", "--tasks", "goat_choice", "--include-path", "no_such"), 2,
          "error: --include-path: no_such: no such folder"),
     Case("eval-tasks-without-merged-model",

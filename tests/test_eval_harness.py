@@ -18,7 +18,7 @@ from finetune.cli import main
 from finetune.data.formats import goat
 from finetune.data.templates import LIMA
 from finetune.errors import InputError
-from finetune.eval.harness import applies_chat_template
+from finetune.eval.harness import TaskRequest, applies_chat_template, format_task_table, task_entries
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import GoatSpec
 
@@ -209,3 +209,38 @@ def test_the_chat_template_is_applied_by_default_only_to_runs_that_trained_throu
     assert tokenizer.chat_template is None and applies_chat_template("auto", lima, tokenizer) is False
     with pytest.raises(InputError, match="^--chat-template on: the model's tokenizer has no chat template$"):
         applies_chat_template("on", alpaca, tokenizer)
+
+
+def test_entries_name_filtered_metrics_and_keep_missing_stderr_as_null():
+    results = {  # the shape of lm_eval's results for a generation task under two filters, and its group
+        "results": {
+            "arith": {
+                "alias": "arith",
+                "exact_match,strict-match": 0.25,
+                "exact_match_stderr,strict-match": 0.125,
+                "exact_match,flexible-extract": 0.5,
+                "exact_match_stderr,flexible-extract": "N/A",
+            },
+            "maths": {"alias": "maths", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"},
+        },
+        "n-samples": {"arith": {"original": 40, "effective": 8}},
+        "n-shot": {"arith": 0},
+        "configs": {"arith": {"task": "arith", "metadata": {"config_source": "/tasks/arith.yaml"}}},
+    }
+    entries = task_entries(results, TaskRequest(tasks=("maths",), limit=8), chat=False, version="0.4.13")
+    assert entries["arith"]["metrics"] == {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5}
+    assert entries["arith"]["stderr"] == {"exact_match,strict-match": 0.125, "exact_match,flexible-extract": None}
+    assert (entries["arith"]["samples"], entries["arith"]["samples_total"]) == (8, 40)
+    assert entries["arith"]["config_source"] == "/tasks/arith.yaml" and entries["maths"]["config_sha256"] is None
+    five_shot = results["configs"]["arith"] | {"num_fewshot": 5}
+    changed = results | {"configs": {"arith": five_shot}}
+    assert (
+        task_entries(changed, TaskRequest(tasks=("arith",)), chat=False, version="0.4.13")["arith"]["config_sha256"]
+        != entries["arith"]["config_sha256"]
+    )
+    assert format_task_table(entries).splitlines() == [
+        "task   metric                        value  stderr  samples",
+        "arith  exact_match,strict-match      0.25   0.125   8",
+        "arith  exact_match,flexible-extract  0.5    -       8",
+        "maths  exact_match,strict-match      0.25   -       -",
+    ]

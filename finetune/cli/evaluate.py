@@ -5,6 +5,7 @@ from __future__ import annotations
 from finetune.cli.options import add_debug, add_force_unlock
 from finetune.errors import InputError
 
+GOAT_N = 500
 # options that only `--tasks` (lm-evaluation-harness) reads, and their defaults
 TASK_OPTIONS = {"include_path": None, "limit": None, "model": "adapter", "chat_template": "auto"}
 
@@ -16,7 +17,7 @@ def add(verbs) -> None:
         "writes RUN_DIR/eval.json",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
-    evaluate.add_argument("--n", type=int, default=500, help="held-out Goat problems to score (default 500)")
+    evaluate.add_argument("--n", type=int, default=GOAT_N, help=f"held-out Goat problems to score (default {GOAT_N})")
     evaluate.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     harness = evaluate.add_argument_group("lm-evaluation-harness (pip install 'finetune[lm-eval]')")
     harness.add_argument(
@@ -62,6 +63,9 @@ def handle(args) -> int:
 
 def handle_tasks(args) -> int:
     from pathlib import Path
+
+    if args.n != GOAT_N:
+        raise InputError("--n: the number of Goat problems, not read with --tasks; give --limit N instead")
 
     from finetune.eval.harness import TaskRequest, evaluate_tasks, format_task_table
 
