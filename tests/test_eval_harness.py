@@ -186,6 +186,9 @@ def test_the_merged_model_scores_as_the_adapter_does(run_copy, task_dir, tiny_mo
     expected = expected_scores(*load_adapter_model(run_copy, tiny_model_dir), rows)
     assert entry["metrics"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
     assert offline == []
+    assert main(["report", str(run_copy)]) == 0  # an eval.json with tasks and no Goat exact match
+    page = (run_copy / "report.html").read_text(encoding="utf-8")
+    assert "<td>goat_answer</td><td>perplexity</td>" in page and "Exact match (Goat)" not in page
 
 
 def test_without_lm_eval_the_command_names_the_extra_before_reading_anything(monkeypatch, tmp_path, capsys):
