@@ -30,13 +30,13 @@ def add(verbs) -> None:
     harness.add_argument(
         "--model",
         choices=["adapter", "merged"],
-        default="adapter",
+        default=TASK_OPTIONS["model"],
         help="adapter: the run's adapter on its base (default); merged: RUN_DIR/merged from `finetune merge`",
     )
     harness.add_argument(
         "--chat-template",
         choices=["auto", "on", "off"],
-        default="auto",
+        default=TASK_OPTIONS["chat_template"],
         help="put requests through the tokenizer's chat template; auto: when the run trained through one "
         "(lima, sharegpt data)",
     )
@@ -64,10 +64,10 @@ def handle(args) -> int:
 def handle_tasks(args) -> int:
     from pathlib import Path
 
+    from finetune.eval.harness import TaskRequest, evaluate_tasks, format_task_table
+
     if args.n != GOAT_N:
         raise InputError("--n: the number of Goat problems, not read with --tasks; give --limit N instead")
-
-    from finetune.eval.harness import TaskRequest, evaluate_tasks, format_task_table
 
     request = TaskRequest(
         tasks=tuple(name.strip() for name in args.tasks.split(",")),
