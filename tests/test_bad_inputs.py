@@ -395,6 +395,9 @@ CASES = [
          "error: --tasks: no task named 'goat_choise' in lm_eval's catalogue or lm_eval_tasks (did you mean "
          "'goat_choice'?); `lm-eval ls tasks` lists the catalogue's names, and --include-path DIR adds the task YAML "
          "files of a folder"),
+    Case("eval-tasks-of-a-claimed-folder",
+         ("eval", "{copy}", "--tasks", "goat_choice", "--include-path", "lm_eval_tasks"), 2,
+         f"error: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
     Case("eval-tasks-missing-rows",
          ("eval", "{run}", "--tasks", "goat_choice_no_rows", "--include-path", "lm_eval_tasks"), 2,
          "re:error: {bad}/lm_eval_tasks/goat_choice_no_rows.yaml: task 'goat_choice_no_rows' cannot be built: "
