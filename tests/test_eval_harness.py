@@ -174,6 +174,14 @@ def test_task_scores_are_the_models_own_and_not_the_bases(run_copy, task_dir, ti
     assert "Benchmark tasks (lm-evaluation-harness)" in page
     assert f"<td>goat_answer</td><td>perplexity</td><td>{answer['metrics']['perplexity']:.4g}</td>" in page
 
+    # with a chat template saved beside the adapter, --chat-template on sends the rows through it
+    (run_copy / "adapter" / "chat_template.jinja").write_text(LIMA, encoding="utf-8")
+    args = ["eval", str(run_copy), "--tasks", "goat_answer", "--include-path", str(folder), "--chat-template", "on"]
+    assert main([*args, "--limit", str(LIMIT)]) == 0
+    chat = json.loads((run_copy / "eval.json").read_text())["tasks"]["goat_answer"]
+    assert chat["chat_template"] is True
+    assert chat["metrics"]["perplexity"] != pytest.approx(answer["metrics"]["perplexity"], rel=1e-3)
+
 
 @pytest.mark.slow
 def test_the_merged_model_scores_as_the_adapter_does(run_copy, task_dir, tiny_model_dir, offline):
