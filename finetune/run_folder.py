@@ -16,7 +16,8 @@ checkpoints/       Trainer checkpoints (adapter, optimizer, scheduler, RNG state
 adapter/           the final PEFT adapter and the tokenizer (LoRA, prefix, prompt)
 model/             the whole fine-tuned model and the tokenizer (adapter.kind: none)
 summary.json       status, wall time, first/last losses, parameter counts (and exact match, if scored)
-eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval)
+eval.json          Goat exact match per operation x digit lengths (eval.exact_match or finetune eval), and
+                   `tasks`: lm-evaluation-harness metrics (finetune eval --tasks)
 samples.json       a few greedy generations next to their references (eval.samples)
 samples.jsonl      the same prompts answered during training, one record per sampled step (eval.samples_every)
 report.html        the run on one page: curves, tables, samples (plots/*.png hold the same figures)

@@ -431,6 +431,30 @@ CASES = [
          f"{REPO / 'data' / 'tiny-llama-4layer'}: .*",
          setup=edit_yaml("recipe.yaml", lambda r: r["model"].update(name_or_path=str(REPO / "data" /
                                                                                      "tiny-llama-4layer")))),
+    # --- finetune eval --tasks (lm-evaluation-harness; the task files are in lm_eval_tasks/)
+    Case("eval-task-options-without-tasks", ("eval", "{run}", "--limit", "5", "--model", "merged"), 2,
+         "error: --limit, --model: only with --tasks (lm-evaluation-harness tasks)"),
+    Case("eval-tasks-with-goat-n", ("eval", "{run}", "--tasks", "goat_choice", "--n", "20"), 2,
+         "error: --n: the number of Goat problems, not read with --tasks; give --limit N instead"),
+    Case("eval-tasks-limit-zero", ("eval", "{run}", "--tasks", "goat_choice", "--limit", "0"), 2,
+         "error: --limit: must be greater than 0 (got 0)"),
+    Case("eval-tasks-no-include-folder", ("eval", "{run}", "--tasks", "goat_choice", "--include-path", "no_such"), 2,
+         "error: --include-path: no_such: no such folder"),
+    Case("eval-tasks-without-merged-model",
+         ("eval", "{run}", "--tasks", "goat_choice", "--include-path", "lm_eval_tasks", "--model", "merged"), 2,
+         "error: {run}: has no merged model (merged/config.json); write it with `finetune merge {run}` first, or "
+         "evaluate the adapter with --model adapter"),
+    Case("eval-tasks-unknown-name", ("eval", "{run}", "--tasks", "goat_choise", "--include-path", "lm_eval_tasks"), 2,
+         "error: --tasks: no task named 'goat_choise' in lm_eval's catalogue or lm_eval_tasks (did you mean "
+         "'goat_choice'?); `lm-eval ls tasks` lists the catalogue's names, and --include-path DIR adds the task YAML "
+         "files of a folder"),
+    Case("eval-tasks-of-a-claimed-folder",
+         ("eval", "{copy}", "--tasks", "goat_choice", "--include-path", "lm_eval_tasks"), 2,
+         f"error: {{copy}} is in use by {HELD}; {WAIT}", setup=claimed()),
+    Case("eval-tasks-missing-rows",
+         ("eval", "{run}", "--tasks", "goat_choice_no_rows", "--include-path", "lm_eval_tasks"), 2,
+         "re:error: {bad}/lm_eval_tasks/goat_choice_no_rows.yaml: task 'goat_choice_no_rows' cannot be built: "
+         "FileNotFoundError: .*no_such_rows.jsonl.*"),
 ]  # fmt: skip
 
 

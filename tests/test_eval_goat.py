@@ -128,12 +128,15 @@ def test_finetune_eval_scores_a_goat_run_and_writes_eval_json(write_recipe, tmp_
     )
     assert main(["run", str(recipe), "train.max_steps=2"]) == 0
     capsys.readouterr()
+    tasks = {"tasks": {"my_task": {"metrics": {"acc": 0.5}}}}  # `finetune eval --tasks` results are kept
+    (tmp_path / "run" / "eval.json").write_text(json.dumps(tasks))
     assert main(["eval", str(tmp_path / "run"), "--n", "24", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("eval: 24 problems from 24 generated problems absent from the training rows")
     assert "exact match" in out and "add (+)" in out
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["n"] == 24 and sum(cell["n"] for cell in result["cells"]) == 24
+    assert result["tasks"] == tasks["tasks"]
     assert result["accuracy"] == result["correct"] / 24
     assert len(result["mistakes"]) == min(20, 24 - result["correct"])
     assert all(goat.parse_answer(m["got"]) != m["expected"] for m in result["mistakes"])

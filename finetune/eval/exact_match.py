@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.errors import InputError
 from finetune.recipe.schema import Recipe
-from finetune.run_folder import RunDir, read_trained_recipe
+from finetune.run_folder import RunDir, read_json, read_trained_recipe
 
 Echo = Callable[[str], None]
 
@@ -54,5 +54,5 @@ def score_exact_match(model, tokenizer, recipe: Recipe, run_dir: RunDir, *, n: i
     model.eval()
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=longest + 8, batch_size=batch_size)
     result = score(rows, completions, source)
-    run_dir.write_json(run_dir.eval, result.to_json())
+    run_dir.write_json(run_dir.eval, read_json(run_dir.eval) | result.to_json())  # keeps lm_eval `tasks`
     return result

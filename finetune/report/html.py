@@ -65,6 +65,7 @@ def build_report(run_path: str | Path) -> Path:
             "<h2>Throughput</h2>",
             _image(images["throughput"], "real tokens per second"),
             _goat_section(goat, images.get("goat")),
+            _tasks_section((goat or {}).get("tasks")),
             _samples_section(_read_json(run.path / "samples.json"), read_sample_steps(RunDir(run.path))),
             "<h2>Data</h2>",
             _data_section(_read_json(run.path / "data.json")),
@@ -101,7 +102,7 @@ def _summary_rows(run: RunRecord) -> list[tuple[str, str]]:
 
 
 def _goat_section(goat: dict | None, image: bytes | None) -> str:
-    if not goat:
+    if not goat or "cells" not in goat:  # eval.json may hold lm_eval tasks only
         return ""
     cells = sorted(goat["cells"], key=lambda c: (c["accuracy"], -c["n"]))
     worst = [
@@ -121,6 +122,30 @@ def _goat_section(goat: dict | None, image: bytes | None) -> str:
     if mistakes:
         parts.append("<h3>Some mistakes</h3>" + _table(mistakes, header=("problem", "expected", "answered")))
     return "\n".join(parts)
+
+
+def _tasks_section(tasks: dict | None) -> str:
+    """eval.json's lm-evaluation-harness tasks (`finetune eval RUN --tasks`): one row per task and metric."""
+    if not tasks:
+        return ""
+    rows = [
+        (
+            name,
+            metric,
+            f"{value:.4g}" if isinstance(value, int | float) else value,
+            f"{entry['stderr'][metric]:.4g}" if entry["stderr"].get(metric) is not None else None,
+            entry["samples"],
+            entry["model"],
+        )
+        for name, entry in tasks.items()
+        for metric, value in entry["metrics"].items()
+    ]
+    return "\n".join(
+        [
+            "<h2>Benchmark tasks (lm-evaluation-harness)</h2>",
+            _table(rows, header=("task", "metric", "value", "stderr", "samples", "model")),
+        ]
+    )
 
 
 def _samples_section(samples: dict | None, steps: list[dict]) -> str:
