@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from finetune.train.callbacks import HANG_AT_SAVE_ENV
 from finetune.train.checkpoints import COMPLETE_MARKER
 from finetune.train.launch import check_launch, read_accelerate_config
 
-from conftest import REPO
+from conftest import REPO, SAMPLE_DATA
 
 CONFIGS = REPO / "accelerate_configs"
 FSDP_CONFIGS = ("fsdp.yaml", "fsdp_qlora.yaml", "multi_node.yaml")
@@ -118,35 +119,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(write_recipe, tmp_path):
-    config = yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()}
-    config_path = tmp_path / "cpu_ddp.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    common = {"max_steps": 3, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
-    ddp = write_recipe(
-        "ddp.yaml",
-        train={**common, "micro_batch_size": 2},
-        data={"max_rows": 24},
-        output={"dir": str(tmp_path / "ddp"), "tensorboard": False},
+@pytest.fixture(scope="module")
+def ddp_config(tmp_path_factory) -> Path:
+    """accelerate_configs/cpu_ddp.yaml on a free port."""
+    path = tmp_path_factory.mktemp("accelerate") / "cpu_ddp.yaml"
+    path.write_text(
+        yaml.safe_dump(yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()})
     )
-    single = write_recipe(
-        "single.yaml",
-        train={**common, "micro_batch_size": 4},
-        data={"max_rows": 24},
-        output={"dir": str(tmp_path / "single"), "tensorboard": False},
-    )
-    assert main(["run", str(ddp), "--accelerate-config", str(config_path)]) == 0
-    assert main(["run", str(single)]) == 0
+    return path
 
-    two, one = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("ddp", "single"))
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_model_dir, ddp_config, tmp_path_factory) -> Path:
+    """A 2-process DDP run on CPU of 6 steps, checkpoints at 3 and 6, trained through the CLI once per module: the
+    reference of one process at the same global batch, and of a launched run that is killed and resumed."""
+    folder = tmp_path_factory.mktemp("ddp")
+    recipe = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "adapter": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"format": "alpaca", "path": str(SAMPLE_DATA), "max_seq_len": 256, "max_rows": 32},
+        "train": {"max_steps": 6, "save_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "use_cpu": True,
+                  "lr": 1e-2, "gradient_checkpointing": False, "logging_steps": 1},
+        "eval": {"samples": 0},
+        "output": {"dir": str(folder / "run"), "report": False, "tensorboard": False},
+    }  # fmt: skip
+    (folder / "ddp.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["run", str(folder / "ddp.yaml"), "--accelerate-config", str(ddp_config)]) == 0
+    return folder / "run"
+
+
+def recipe_of(run: Path, out: Path, path: Path) -> Path:
+    """`run`'s recipe, written to `path` with output.dir `out`."""
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["output"]["dir"] = str(out)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_two_process_ddp_trains_like_one_process_at_the_same_global_batch(ddp_run, tmp_path):
+    # the same recipe at one process with twice the micro-batch
+    single = recipe_of(ddp_run, tmp_path / "single", tmp_path / "single.yaml")
+    assert main(["run", str(single), "train.micro_batch_size=4"]) == 0
+
+    two, one = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (ddp_run, tmp_path / "single"))
     assert two.keys() == one.keys() and len(one) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
-    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps))  # one process logged: no step twice
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "single"]  # one run folder each
+    assert json.loads((ddp_run / "summary.json").read_text())["steps"] == 6
+    assert [p.name for p in ddp_run.parent.iterdir() if p.is_dir()] == [ddp_run.name]  # one run folder
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what accelerate does with an FSDP config without CUDA")
@@ -180,22 +203,11 @@ def test_a_process_launched_for_fsdp_on_cpu_stops_before_loading(write_recipe, t
     assert not (tmp_path / "run").exists()
 
 
-def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(write_recipe, tmp_path):
-    config_path = tmp_path / "cpu_ddp.yaml"
-    config_path.write_text(
-        yaml.safe_dump(yaml.safe_load((CONFIGS / "cpu_ddp.yaml").read_text()) | {"main_process_port": free_port()})
-    )
-    train = {"max_steps": 6, "save_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "use_cpu": True, "lr": 1e-2}
-    data, output = {"max_rows": 32}, {"tensorboard": False}
-    recipes = {
-        name: write_recipe(f"{name}.yaml", train=train, data=data, output=output | {"dir": str(tmp_path / name)})
-        for name in ("whole", "resumed")
-    }
-    assert main(["run", str(recipes["whole"]), "--accelerate-config", str(config_path)]) == 0
-
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(ddp_run, ddp_config, tmp_path):
     resumed = tmp_path / "resumed"
+    recipe = recipe_of(ddp_run, resumed, tmp_path / "resumed.yaml")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "run", str(recipes["resumed"]), "--accelerate-config", str(config_path)],
+        [sys.executable, "-m", "finetune", "run", str(recipe), "--accelerate-config", str(ddp_config)],
         cwd=REPO,
         env={**os.environ, HANG_AT_SAVE_ENV: "6"},  # checkpoint-6 is written but never marked complete
         start_new_session=True,  # its own process group: the launcher and both training processes die together
@@ -212,10 +224,10 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_adapter(wri
     launcher.wait()
     assert not (resumed / "summary.json").exists() and not (resumed / "adapter").exists()  # it never finished
 
-    assert main(["run", str(recipes["resumed"]), "--accelerate-config", str(config_path), "--resume"]) == 0
-    whole, again = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in recipes)
+    assert main(["run", str(recipe), "--accelerate-config", str(ddp_config), "--resume"]) == 0
+    whole, again = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (ddp_run, resumed))
     assert whole.keys() == again.keys() and len(whole) > 0
     for name in whole:
         assert again[name].equal(whole[name]), name  # gloo all-reduce on CPU is deterministic
-    assert losses(resumed) == losses(tmp_path / "whole") and sorted(losses(resumed)) == list(range(1, 7))
+    assert losses(resumed) == losses(ddp_run) and sorted(losses(resumed)) == list(range(1, 7))
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 6
