@@ -103,7 +103,10 @@ def main() -> None:
         ]
     )
     print(table)
-    header = f"## run_race (two `finetune run` on one output.dir started together {races}x, {STEPS} steps each; `python benchmarks/run_race.py`)\n\n"
+    header = (
+        f"## run_race (two `finetune run` on one output.dir started together {races}x, {STEPS} steps each; "
+        "`python benchmarks/run_race.py`)\n\n"
+    )
     write_section(args.results, "run_race", header + machine_line("torch", "transformers") + "\n\n" + table + "\n")
     sys.exit(1 if problems else 0)
 

@@ -269,21 +269,26 @@ def read_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
 
 
 def read_trained_recipe(path: str | Path) -> Recipe:
-    """`read_recipe` of a finished run, its hub base model pinned to the commit the run trained on
-    (environment.json's hub_inputs): merge, export, eval and generate then load the weights the adapter
-    was trained against even after the recipe's branch moved. A local base, a base whose tokenizer comes
-    from another repo (model.revision applies to that one too) or a run without the record: as stored.
+    """`read_recipe` of a finished run, its hub base model and hub tokenizer pinned to the commits the run
+    trained on (environment.json's hub_inputs): merge, export, eval and generate then load the weights the
+    adapter was trained against even after the recipe's branches moved. A local base or tokenizer, or a run
+    without the record: as stored.
 
     Raises:
         InputError: not a run folder, or one written by an incompatible version.
         RecipeError: the stored recipe is not valid.
     """
     recipe = read_recipe(path)
-    trained = read_json(open_run(path).environment).get("hub_inputs", {}).get("model")
-    own_tokenizer = recipe.model.tokenizer in (None, recipe.model.name_or_path)
-    if not trained or trained.get("repo_id") != recipe.model.name_or_path or not own_tokenizer:
-        return recipe
-    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": trained["commit"]})})
+    read = read_json(open_run(path).environment).get("hub_inputs", {})
+    model, pins = recipe.model, {}
+    if read.get("model", {}).get("repo_id") == model.name_or_path:
+        pins["revision"] = read["model"]["commit"]
+    separate_tokenizer = model.tokenizer not in (None, model.name_or_path)
+    if separate_tokenizer and read.get("tokenizer", {}).get("repo_id") == model.tokenizer:
+        pins["tokenizer_revision"] = read["tokenizer"]["commit"]
+    elif separate_tokenizer and "revision" in pins:
+        pins["tokenizer_revision"] = model.tokenizer_revision or model.revision  # what it read: not the pin
+    return recipe.model_copy(update={"model": model.model_copy(update=pins)}) if pins else recipe
 
 
 def read_recipe_mapping(path: str | Path) -> dict:

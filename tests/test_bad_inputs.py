@@ -206,6 +206,9 @@ CASES = [
          "or add them to adapter.target_modules"),
     Case("warmup-twice", validate("train.warmup_steps=5", "train.warmup_ratio=0.1"), 2,
          "error: command line: train.warmup_steps=5: set either warmup_steps or warmup_ratio, not both"),
+    Case("tokenizer-revision-without-tokenizer-repo", validate("model.tokenizer_revision=main"), 2,
+         "error: command line: model.tokenizer_revision=main: applies to a separate model.tokenizer repo; this "
+         "recipe reads the tokenizer from model.name_or_path; use model.revision"),
     Case("exact-match-on-alpaca", validate("eval.exact_match=10"), 2,
          "error: command line: eval.exact_match=10: scores Goat arithmetic answers; this recipe's data is alpaca; "
          "remove it (eval loss is logged with data.eval_fraction or data.eval_path)"),

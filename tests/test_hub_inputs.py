@@ -16,7 +16,17 @@ import pytest
 from finetune.errors import InputError
 
 from conftest import REPO
-from hub_repos import ALPACA_ID, LIMA_ID, MODEL_ID, alpaca_files, client_env, model_files, sample_rows, serve_test_repos
+from hub_repos import (
+    ALPACA_ID,
+    LIMA_ID,
+    MODEL_ID,
+    TOKENIZER_FILES,
+    alpaca_files,
+    client_env,
+    model_files,
+    sample_rows,
+    serve_test_repos,
+)
 from hub_server import HubServer
 
 
@@ -186,3 +196,43 @@ def test_resume_refuses_a_run_whose_hub_inputs_moved(pinned_run, hub, tmp_path, 
     assert read_trained_recipe(interrupted).model.revision == before  # merge, eval, generate: what it trained on
     with pytest.raises(InputError, match=r"^--resume: hub inputs moved since the interrupted run: dataset "):
         check_same_hub_inputs(RunDir(interrupted), stored, [dict(data[0], commit="0" * 40)])
+
+
+def test_a_separate_tokenizer_repo_has_its_own_revision_and_is_reloaded_at_the_commit_trained_on(
+    pinned_run, hub, tmp_path, monkeypatch
+):
+    """model.revision names a branch of the model repo; a tokenizer repo without that branch is read at
+    model.tokenizer_revision, and merge, eval and generate reload both repos at the commits the run read."""
+    import yaml
+
+    from finetune.model.load import fetch_tokenizer
+    from finetune.recipe.schema import ModelSpec
+    from finetune.run_folder import read_trained_recipe
+
+    tokenizer_id = "test-org/tiny-llama-tokenizer"
+    hub.add_repo(tokenizer_id)
+    hub.commit(tokenizer_id, {name: hub.files(MODEL_ID)[name] for name in TOKENIZER_FILES}, message="Tokenizer")
+    trained_tokenizer = hub.head(tokenizer_id)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    spec = ModelSpec(name_or_path=MODEL_ID, tokenizer=tokenizer_id, revision="v2")
+    with pytest.raises(InputError, match="no revision 'v2'"):  # model.revision alone cannot name both
+        fetch_tokenizer(spec)
+    spec = spec.model_copy(update={"tokenizer_revision": "main"})
+    assert fetch_tokenizer(spec).commit == trained_tokenizer
+
+    # the run folder of such a run: its recipe names the tokenizer repo, environment.json what was read
+    run = tmp_path / "run"
+    shutil.copytree(pinned_run, run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"] |= {"tokenizer": tokenizer_id, "tokenizer_revision": "main"}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    environment = read_json(run / "environment.json")
+    environment["hub_inputs"]["tokenizer"] = {"repo_id": tokenizer_id, "revision": "main", "commit": trained_tokenizer}
+    (run / "environment.json").write_text(json.dumps(environment))
+
+    hub.commit(tokenizer_id, {"README.md": b"# moved on\n"}, message="Move main")
+    hub.commit(MODEL_ID, {"README.md": b"# moved on\n"}, branch="v2", message="Move v2 again")
+    pinned = read_trained_recipe(run).model
+    assert pinned.revision == environment["hub_inputs"]["model"]["commit"] != hub.head(MODEL_ID, "v2")
+    assert pinned.tokenizer_revision == trained_tokenizer != hub.head(tokenizer_id)
+    assert fetch_tokenizer(pinned).commit == trained_tokenizer

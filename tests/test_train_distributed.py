@@ -43,14 +43,44 @@ def test_every_accelerate_config_parses_with_a_header_comment(name):
 
 
 @pytest.mark.parametrize("name", FSDP_CONFIGS)
-def test_fsdp_configs_shard_llama_layers_as_the_code_expects(name):
+def test_fsdp_configs_shard_decoder_layers_as_the_code_expects(name):
     fsdp = read_accelerate_config(str(CONFIGS / name))["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FSDP2, full shard
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp  # the model's own layer class: see below
     assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
     assert fsdp["fsdp_activation_checkpointing"] is False  # the recipe's gradient checkpointing does it
+
+
+def fsdp_shard_units(model, layer_class_names):
+    """The modules accelerate's own FSDP2 wrap policy makes shard units of, for a TRANSFORMER_BASED_WRAP
+    config naming `layer_class_names` (None: the key left out)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = SimpleNamespace(
+        auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=layer_class_names
+    )
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return [module for module in model.modules() if policy(module)]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2"])
+def test_the_fsdp_configs_shard_every_decoder_layer_of_each_family(family, family_model_dir):
+    """Left to accelerate, the shard units are exactly the decoder layers, under a LoRA wrapper too; naming
+    LlamaDecoderLayer, as these configs once did, cannot even start a Mistral or Qwen2 model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(family_model_dir(family)), LoraConfig(r=2))
+    layers = list(model.base_model.model.model.layers)
+    assert fsdp_shard_units(model, None) == layers
+    if family in ("mistral", "qwen2"):
+        with pytest.raises(ValueError, match="Could not find the transformer layer class LlamaDecoderLayer"):
+            fsdp_shard_units(model, ["LlamaDecoderLayer"])
 
 
 def test_cpu_ddp_config_runs_two_cpu_processes():

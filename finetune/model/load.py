@@ -51,7 +51,8 @@ def resolve_dtype(name: str, device: str):
 
 
 def fetch_tokenizer(spec: ModelSpec) -> Snapshot | None:
-    """The tokenizer's files at `spec.revision` when it is a hub id (None for a local folder).
+    """The tokenizer's files when it is a hub id (None for a local folder): at `spec.tokenizer_revision` for a
+    separate tokenizer repo that names one, else at `spec.revision`.
 
     Raises:
         InputError: the hub refused or cannot be reached and the files are not cached.
@@ -61,7 +62,8 @@ def fetch_tokenizer(spec: ModelSpec) -> Snapshot | None:
         return None
     key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
     patterns = TOKENIZER_PATTERNS + _code_patterns(spec)
-    return download(name, key=key, revision=spec.revision, patterns=patterns, ignore=SUBFOLDERS)
+    revision = spec.tokenizer_revision if spec.tokenizer and spec.tokenizer_revision else spec.revision
+    return download(name, key=key, revision=revision, patterns=patterns, ignore=SUBFOLDERS)
 
 
 def fetch_model(spec: ModelSpec, tokenizer_files: Snapshot | None = None) -> Snapshot | None:

@@ -69,6 +69,15 @@ def cross_check(recipe: Recipe) -> list[KeyProblem]:
             )
         )
     problems += _check_batch_sizing(train)
+    model = recipe.model
+    if model.tokenizer_revision is not None and model.tokenizer in (None, model.name_or_path):
+        problems.append(
+            KeyProblem(
+                ("model", "tokenizer_revision"),
+                "applies to a separate model.tokenizer repo; this recipe reads the tokenizer from model.name_or_path",
+                "use model.revision",
+            )
+        )
     if data.eval_path is not None and data.eval_fraction > 0:
         problems.append(KeyProblem(("data", "eval_fraction"), "set either eval_fraction or eval_path, not both"))
     if data.goat is not None and data.goat.div_divisor_digits > data.goat.div_dividend_digits:

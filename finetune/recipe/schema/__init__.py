@@ -58,8 +58,14 @@ class ModelSpec(Section):
     tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to name_or_path.")
     revision: str | None = Field(
         None,
-        description="Hub branch, tag or commit of name_or_path (and of tokenizer) to load; null: the default "
-        "branch. The commits read are recorded in the run folder's environment.json; ignored for local folders.",
+        description="Hub branch, tag or commit of name_or_path (and of tokenizer, unless tokenizer_revision is "
+        "set) to load; null: the default branch. The commits read are recorded in the run folder's "
+        "environment.json, and merge, export, eval and generate load those commits; ignored for local folders.",
+    )
+    tokenizer_revision: str | None = Field(
+        None,
+        description="Hub branch, tag or commit of a separate tokenizer repo (model.tokenizer); null: "
+        "model.revision. Recorded and reloaded like model.revision.",
     )
     dtype: DType = Field(
         "auto",
