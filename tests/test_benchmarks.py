@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+# what a script runs with when a test below asks `scripts` for it; by default its smoke run
+ARGUMENTS = {"gpu_check.py": ["--cpu-smoke"]}
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +24,42 @@ def run_quick(script: str, results) -> str:
     """stdout of `python benchmarks/SCRIPT --quick --results RESULTS`, run from the repository root."""
     command = [sys.executable, f"benchmarks/{script}", "--quick", "--results", str(results)]
     return subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
+def script_of(item: pytest.Item) -> str | None:
+    """The script a test is parametrized with, if any."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("script") if callspec else None
+
+
+@pytest.fixture(scope="module")
+def scripts(request, tmp_path_factory):
+    """scripts(script) -> (stdout, RESULTS.md) of `python benchmarks/SCRIPT --quick --results RESULTS.md` (or
+    its ARGUMENTS), run from the repository root; fails with its stderr unless it exited 0.
+
+    The scripts of the tests selected in this module start when the first of them asks, two at a time, in the
+    tests' order: each is a chain of processes that spend most of their time importing torch on one core, so
+    that two of them keep a 2-core machine busy."""
+    wanted = [script_of(item) for item in request.session.items if item.module is request.module and script_of(item)]
+    folder = tmp_path_factory.mktemp("benchmarks")
+
+    def run(script: str) -> tuple[subprocess.CompletedProcess, Path]:
+        results = folder / script.removesuffix(".py") / "RESULTS.md"
+        results.parent.mkdir()
+        arguments = ARGUMENTS.get(script, ["--quick", "--results", str(results)])
+        command = [sys.executable, f"benchmarks/{script}", *arguments]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True), results
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    started = {script: pool.submit(run, script) for script in dict.fromkeys(wanted)}
+
+    def output(script: str) -> tuple[str, Path]:
+        done, results = started[script].result()
+        assert done.returncode == 0, done.stderr
+        return done.stdout, results
+
+    yield output
+    pool.shutdown(cancel_futures=True)
 
 
 def test_cli_latency_quick_writes_one_section(tmp_path):
@@ -33,9 +74,9 @@ def test_cli_latency_quick_writes_one_section(tmp_path):
     assert text.count("## cli_latency") == 1 and "## other (2026-01-01)\n\nkept" in text
 
 
-def test_methods_quick_reports_each_method(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("methods.py", results)
+@pytest.mark.parametrize("script", ["methods.py"])
+def test_methods_quick_reports_each_method(script, scripts):
+    out, results = scripts(script)
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"lora", "prompt"}
     for name in ("lora", "prompt"):
@@ -62,9 +103,9 @@ def number(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("%"))
 
 
-def test_train_throughput_quick_compares_against_both_baselines(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("train_throughput.py", results)
+@pytest.mark.parametrize("script", ["train_throughput.py"])
+def test_train_throughput_quick_compares_against_both_baselines(script, scripts):
+    out, results = scripts(script)
     rows = table_cells(out, "setup")
     assert list(rows) == ["finetune", "trl defaults", "alpaca-lora"]
     figures = {}
@@ -108,9 +149,9 @@ def test_train_window_counts_real_and_trained_tokens_of_padded_and_padding_free_
         assert (counter.processed, counter.real, counter.trained) == (processed, real, trained)
 
 
-def test_vocab_memory_quick_compares_peaks_with_trl(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("vocab_memory.py", results)
+@pytest.mark.parametrize("script", ["vocab_memory.py"])
+def test_vocab_memory_quick_compares_peaks_with_trl(script, scripts):
+    out, results = scripts(script)
     rows = table_cells(out, "vocabulary")
     assert set(rows) == {"8,192 / trl padding_free", "8,192 / finetune", "8,192 / finetune, TRL's loss head"}
     trl = rows["8,192 / trl padding_free"]
@@ -126,18 +167,18 @@ def test_vocab_memory_quick_compares_peaks_with_trl(tmp_path):
     assert "## vocab_memory (" in results.read_text()
 
 
-def test_plan_accuracy_quick_compares_prediction_with_tensors(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("plan_accuracy.py", results)
+@pytest.mark.parametrize("script", ["plan_accuracy.py"])
+def test_plan_accuracy_quick_compares_prediction_with_tensors(script, scripts):
+    out, results = scripts(script)
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| data/tiny-llama")]
     assert {row[1].strip() for row in rows} == {"lora", "full", "qlora nf4"}
     assert all(abs(float(row[4]) - 1) < 0.02 for row in rows)
     assert "## plan_accuracy" in results.read_text()
 
 
-def test_merge_memory_quick_measures_both_merges(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("merge_memory.py", results)
+@pytest.mark.parametrize("script", ["merge_memory.py"])
+def test_merge_memory_quick_measures_both_merges(script, scripts):
+    out, results = scripts(script)
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"baseline", "finetune merge --no-verify", "peft merge_and_unload"}
     assert all(float(rows[name][0]) > 0 and float(rows[name][-1]) > 0 for name in rows if name != "process")
@@ -166,9 +207,9 @@ def test_step_memory_meter_counts_live_bytes_not_nested_sums(monkeypatch):
     assert kept.numel() == 50 * MiB
 
 
-def test_step_memory_quick_measures_lora_with_and_without_checkpointing(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("step_memory.py", results)
+@pytest.mark.parametrize("script", ["step_memory.py"])
+def test_step_memory_quick_measures_lora_with_and_without_checkpointing(script, scripts):
+    out, results = scripts(script)
     rows = {
         tuple(cell.strip() for cell in line.split("|")[1:3]): [cell.strip() for cell in line.split("|")[3:-1]]
         for line in out.splitlines()
@@ -185,9 +226,9 @@ def test_step_memory_quick_measures_lora_with_and_without_checkpointing(tmp_path
     assert "## step_memory (" in results.read_text()
 
 
-def test_preprocess_quick_times_cold_and_cache_hit(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("preprocess.py", results)
+@pytest.mark.parametrize("script", ["preprocess.py"])
+def test_preprocess_quick_times_cold_and_cache_hit(script, scripts):
+    out, results = scripts(script)
     rows = {
         line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
         for line in out.splitlines()
@@ -214,9 +255,9 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
 
 
 @pytest.mark.slow
-def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter():
-    command = [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke"]
-    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+@pytest.mark.parametrize("script", ["gpu_check.py"])
+def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter(script, scripts):
+    out, _ = scripts(script)
     table = ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| "))
     rows = {cells[0]: cells[1:] for cells in table}
     checks = ["lora", "qlora nf4", "qlora nf4, paged_adamw_32bit", "cpu_ddp, 1 process", "merge on cpu"]
@@ -229,9 +270,9 @@ def test_gpu_check_cpu_smoke_runs_every_check_and_resumes_to_the_same_adapter():
     assert rows["merge on cpu"][-1].startswith("check: ")  # the merge's own logits check ran and passed
 
 
-def test_run_race_quick_ends_with_one_run_and_one_refusal(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run_quick("run_race.py", results)
+@pytest.mark.parametrize("script", ["run_race.py"])
+def test_run_race_quick_ends_with_one_run_and_one_refusal(script, scripts):
+    out, results = scripts(script)
     assert "race 1: one finished run, one refusal" in out
     assert "| 1 | 1 | 0 |" in out
     assert "## run_race (two `finetune run` on one output.dir started together 1x" in results.read_text()

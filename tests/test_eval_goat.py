@@ -166,9 +166,9 @@ def test_exact_match_is_refused_for_data_that_is_not_goat(write_recipe, capsys):
     assert "eval.exact_match: scores Goat arithmetic answers; this recipe's data is alpaca" in err
 
 
-def test_eval_of_an_alpaca_run_is_refused(write_recipe, tmp_path, capsys):
-    assert main(["run", str(write_recipe()), "train.max_steps=1"]) == 0
+def test_eval_of_an_alpaca_run_is_refused(tiny_run, capsys):
+    run = tiny_run("lora")  # the session's finished Alpaca run
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert main(["eval", str(run)]) == 2
     assert "scores exact match for data.format: goat runs; this run's data.format is alpaca" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "eval.json").exists()
+    assert not (run / "eval.json").exists()

@@ -22,24 +22,37 @@ def as_a_user_runs_it() -> dict[str, str]:
     return env
 
 
-def finetune(*args: str, cwd) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "finetune", *args],
-        cwd=cwd,
-        env=as_a_user_runs_it(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
+def run_together(*commands: list[str], cwd) -> list[subprocess.CompletedProcess]:
+    """Each `finetune COMMAND` in a child process of its own, as a user runs it, all started at once (they are
+    independent, and so share the machine's cores); each must succeed."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "finetune", *command],
+            cwd=cwd,
+            env=as_a_user_runs_it(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    done = [
+        subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(processes, outputs, strict=True)
+    ]
+    for finished in done:
+        assert finished.returncode == 0, finished.stderr
     return done
 
 
 def test_merge_export_and_generate_print_only_their_own_progress(tiny_run, tmp_path):
     run = tiny_run("lora")
-    merged = finetune("merge", str(run), "--out", str(tmp_path / "merged"), cwd=tmp_path)
-    exported = finetune("export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), cwd=tmp_path)
-    generated = finetune("generate", str(run), "--prompt", "Name a color.", "--max-new-tokens", "4", cwd=tmp_path)
+    merged, exported, generated = run_together(
+        ["merge", str(run), "--out", str(tmp_path / "merged")],
+        ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
+        ["generate", str(run), "--prompt", "Name a color.", "--max-new-tokens", "4"],
+        cwd=tmp_path,
+    )
     for done in (merged, exported, generated):
         assert not [word for word in NOISE if word in done.stderr], done.stderr
         # finetune's own bars (tests/test_progress.py shows them on a terminal) stay off a pipe

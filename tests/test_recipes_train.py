@@ -5,6 +5,7 @@ small share of how far training moved them (a reload that lost or scaled the upd
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,8 +69,8 @@ def assert_reproduces_training(actual, expected, untrained, recipe) -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def train_shrunk(name: str, model_dir, tmp_path):
-    """A shipped recipe trained 3 steps on a tiny model (`model_dir`): the run's result."""
+def train_shrunk(name: str, model_dir, out):
+    """A shipped recipe trained 3 steps on a tiny model (`model_dir`) into `out`: the run's result."""
     data = load_recipe(f"recipes/{name}").data
     sample = {"alpaca": f"data.path={SAMPLE_DATA}", "lima": f"data.path={REPO / 'data' / 'lima_sample.jsonl'}"}
     overrides = [
@@ -78,15 +79,32 @@ def train_shrunk(name: str, model_dir, tmp_path):
         "data.max_seq_len=512",
         "train.max_steps=3",
         "train.grad_accum=2",
-        f"output.dir={tmp_path / 'run'}",
+        f"output.dir={out}",
     ]
     return run(load_recipe(f"recipes/{name}", overrides), echo=lambda _: None)
 
 
+@pytest.fixture(scope="module")
+def shrunk_runs(family_model_dir, tmp_path_factory):
+    """shrunk_runs(name) -> `train_shrunk` of a shipped recipe on the tiny model of its family, trained once per
+    module (the QLoRA recipe serves its own test and the two that break a copy of its adapter)."""
+    done = {}
+
+    def result(name: str):
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"shrunk-{name.removesuffix('.yaml')}") / "run"
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(REPO)
+                done[name] = train_shrunk(name, family_model_dir(family_of(name)), out)
+        return done[name]
+
+    return result
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_shipped_recipe_trains_and_its_artifact_reloads(name, family_model_dir, tmp_path, monkeypatch):
+def test_shipped_recipe_trains_and_its_artifact_reloads(name, shrunk_runs, monkeypatch):
     monkeypatch.chdir(REPO)
-    result = train_shrunk(name, family_model_dir(family_of(name)), tmp_path)
+    result = shrunk_runs(name)
     run_dir = result.path
     recipe = load_recipe(run_dir / "recipe.yaml")  # the run folder alone says how to reload
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -107,15 +125,16 @@ def test_shipped_recipe_trains_and_its_artifact_reloads(name, family_model_dir, 
 
 @pytest.mark.parametrize("factor", [0.0, 2.0], ids=["update dropped", "update doubled"])
 def test_a_reloaded_qlora_adapter_with_a_wrong_update_fails_the_reload_check(
-    factor, tiny_model_dir, tmp_path, monkeypatch
+    factor, shrunk_runs, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(REPO)
-    result = train_shrunk("alpaca_qlora.yaml", tiny_model_dir, tmp_path)
-    weights = result.path / "adapter" / "adapter_model.safetensors"
+    result = shrunk_runs("alpaca_qlora.yaml")
+    broken = shutil.copytree(result.path, tmp_path / "run")  # the shared run stays intact
+    weights = broken / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     save_file({name: t * factor if "lora_B" in name else t for name, t in tensors.items()}, weights)
-    recipe = load_recipe(result.path / "recipe.yaml")
-    reloaded = reload_artifact(result.path, recipe).eval()
+    recipe = load_recipe(broken / "recipe.yaml")
+    reloaded = reload_artifact(broken, recipe).eval()
     trained = result.model.eval()
     with torch.no_grad():
         expected, actual = trained(input_ids=PROMPT).logits, reloaded(input_ids=PROMPT).logits

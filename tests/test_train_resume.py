@@ -6,6 +6,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,15 +116,23 @@ def assert_same_result(run: Path, reference: Path) -> None:
     assert summary["status"] == "finished" and summary["steps"] == MAX_STEPS
 
 
-def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path, reference, capsys):
-    run = tmp_path / "run"
-    process = start(recipe_for(tiny_model_dir, tmp_path, run))
-    # killed after checkpoint-3, with steps after it logged: those records must not be kept twice
+@pytest.fixture(scope="module")
+def killed(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run of the reference's recipe SIGKILLed after checkpoint-3, with steps after it logged (those records
+    must not be kept twice); each test resumes a copy of it."""
+    folder = tmp_path_factory.mktemp("killed")
+    run = folder / "run"
+    process = start(recipe_for(tiny_model_dir, folder, run))
     wait_for(
         lambda: (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file() and 4 in logged_steps(run), process
     )
     process.kill()
     process.wait()
+    return run
+
+
+def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(killed, tmp_path, reference, capsys):
+    run = shutil.copytree(killed, tmp_path / "run")
     assert not (run / "adapter").exists()
 
     assert main(["run", str(run), "--resume"]) == 0
@@ -174,13 +183,8 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
     assert_same_result(run, reference)
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, reference):
-    run = tmp_path / "run"
-    process = start(recipe_for(tiny_model_dir, tmp_path, run))
-    wait_for(lambda: (run / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).is_file(), process)
-    process.kill()
-    process.wait()
-
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(killed, tmp_path, reference):
+    run = shutil.copytree(killed, tmp_path / "run")
     # resumed where no file may grow past 100 kB: checkpoint-6's optimizer state (~150 kB) cannot be written
     process = start(run, "--resume", "data.cache=false", max_file_bytes=100_000)
     _, err = process.communicate(timeout=300)
