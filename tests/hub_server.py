@@ -220,7 +220,7 @@ def hub_handler(hub: HubServer):
                 return
             name = match["file"]
             if name not in commit.files:
-                return self.error(404, "EntryNotFound", f"{name} does not exist on \"{match['rev']}\"")
+                return self.error(404, "EntryNotFound", f'{name} does not exist on "{match["rev"]}"')
             data = commit.files[name]
             headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_id(data)}"'}
             if name in commit.lfs:

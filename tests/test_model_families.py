@@ -108,7 +108,9 @@ def test_a_chat_run_generates_and_a_goat_run_evaluates_on_each_family(family, fa
 
     goat = ["data.goat.n=32", "data.goat.ops=[add]", "data.goat.add_sub_digits=2", "data.eval_fraction=0.25"]
     goat += ["data.require_digit_split=false"]  # the Llama-3 tokenizer groups digits: the check would refuse it
-    arithmetic = train("goat_lora.yaml", [f"model.name_or_path={base}", "quant=null", *goat, *common,
-                                          f"output.dir={tmp_path / 'goat'}"])
+    arithmetic = train(
+        "goat_lora.yaml",
+        [f"model.name_or_path={base}", "quant=null", *goat, *common, f"output.dir={tmp_path / 'goat'}"],
+    )
     result = evaluate(arithmetic, n=8, batch_size=4, echo=lambda _: None)
     assert result.n == 8 and (arithmetic / "eval.json").is_file()

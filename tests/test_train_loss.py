@@ -87,9 +87,7 @@ def small_tiles(monkeypatch):
 def lora_trainer(write_recipe, run: Path, loss_chunk_mib: int | None):
     """(LoRA model, its SFTTrainer, the first padded training batch) on the tiny model."""
     budget = "null" if loss_chunk_mib is None else loss_chunk_mib  # write_recipe drops keys given as None
-    recipe = load_recipe(
-        write_recipe(f"{run.name}.yaml", data={"packing": "none"}), [f"train.loss_chunk_mib={budget}"]
-    )
+    recipe = load_recipe(write_recipe(f"{run.name}.yaml", data={"packing": "none"}), [f"train.loss_chunk_mib={budget}"])
     assert recipe.train.loss_chunk_mib == loss_chunk_mib
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=0)

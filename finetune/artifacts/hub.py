@@ -164,9 +164,7 @@ def stage_gguf(run: Path, folder: Path) -> None:
 
     files = gguf_files(run)
     if not files:
-        raise InputError(
-            f"{run}: has no GGUF file (model-TYPE.gguf); run `finetune export {run} --format gguf` first"
-        )
+        raise InputError(f"{run}: has no GGUF file (model-TYPE.gguf); run `finetune export {run} --format gguf` first")
     for path in files:
         link_or_copy(path, folder / path.name)
     write_card(run, folder / "README.md", library="gguf", files=[path.name for path in files])
