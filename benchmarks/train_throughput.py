@@ -258,5 +258,6 @@ def main() -> None:
             )
             write_section(args.results, f"train_throughput, {model_name} model", header + text + "\n")
 
+
 if __name__ == "__main__":
     main()
