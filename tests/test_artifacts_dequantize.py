@@ -134,3 +134,20 @@ def test_the_dequantized_check_fails_the_original_weights_and_a_dropped_update(m
     assert json.loads((dropped / "merge.json").read_text())["check"] is None  # unchecked, and the record says so
     with pytest.raises(FinetuneError, match=r"\(\d+% of how far the adapter moves the quantized base's logits"):
         check_as_dequantized(dropped, qlora_run)
+
+
+def test_a_gguf_export_with_base_dequantized_converts_the_dequantized_merge(qlora_run, merges, tmp_path):
+    """`export --format gguf --base dequantized` writes the weights of the dequantized merge (to f16 rounding),
+    not those of the original merge, which differ by the base's quantization error."""
+    import gguf
+    import numpy as np
+
+    out = tmp_path / "model.gguf"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(qlora_run), "--format", "gguf", "--base", "dequantized", "--out", str(out)]) == 0
+    stored = {t.name: t for t in gguf.GGUFReader(out).tensors}["blk.0.ffn_down.weight"].data.astype(np.float32)
+    name = "model.layers.0.mlp.down_proj.weight"
+    merged = {base: load_file(folder / "model.safetensors")[name].numpy() for base, (folder, _) in merges.items()}
+    f16 = {base: weight.astype(np.float16).astype(np.float32) for base, weight in merged.items()}
+    assert np.array_equal(stored, f16["dequantized"])
+    assert np.abs(stored - f16["original"]).max() > 100 * np.abs(merged["dequantized"] - f16["dequantized"]).max()

@@ -395,6 +395,9 @@ CASES = [
          "error: --base dequantized: {copy} trained on an 8-bit (LLM.int8) base, whose matmuls also round their "
          "inputs to int8, so no 16-bit weights reproduce it; merge with --base original",
          setup=edit_yaml("recipe.yaml", lambda r: r.update(quant={"bits": 8}))),
+    Case("export-gguf-dequantized-16-bit-run", ("export", "{run}", "--format", "gguf", "--base", "dequantized"), 2,
+         "error: --base dequantized: {run} trained on a 16-bit base (its recipe has no quant section), so there are "
+         "no quantized weights to dequantize; merge with --base original"),
     Case("export-into-a-claimed-folder", ("export", "{copy}", "--format", "adapter"), 2,
          f"error: --out: {{copy}}/export/adapter is in use by {HELD}; {WAIT}",
          setup=claimed("export/adapter", beside=True)),

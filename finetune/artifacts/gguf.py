@@ -50,6 +50,7 @@ def export_gguf(
     *,
     out: str | Path | None = None,
     quant_type: str = "f16",
+    base_weights: str = "original",
     overwrite: bool = False,
     force_unlock: bool = False,
     echo: Echo = print,
@@ -60,6 +61,7 @@ def export_gguf(
         run_path: the run folder.
         out: the .gguf file (default RUN_DIR/model-TYPE.gguf).
         quant_type: f16, q8_0 (written here), q4_k_m, q5_k_m or q6_k (by llama.cpp, from the f16 file).
+        base_weights: what the adapter is merged into, as `merge_run`'s: "original" or (4-bit runs) "dequantized".
         overwrite: replace an existing `out`.
         force_unlock: take over a claim on `out` left by a process on another host (finetune/lock.py).
 
@@ -74,16 +76,22 @@ def export_gguf(
     recipe = read_trained_recipe(run_dir.path)
     target = Path(out) if out is not None else run_dir.path / f"model-{quant_type}.gguf"
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
-        return write_run_gguf(run_dir, recipe, target, quant_type, overwrite=overwrite, echo=echo)
+        return write_run_gguf(
+            run_dir, recipe, target, quant_type, base_weights=base_weights, overwrite=overwrite, echo=echo
+        )
 
 
-def write_run_gguf(run_dir, recipe, target: Path, quant_type: str, *, overwrite: bool, echo: Echo) -> Path:
+def write_run_gguf(
+    run_dir, recipe, target: Path, quant_type: str, *, base_weights: str = "original", overwrite: bool, echo: Echo
+) -> Path:
     """`export_gguf`, once `target` is claimed."""
+    from finetune.artifacts.dequantize import check_base_weights
     from finetune.artifacts.merge import check_mergeable, merge_run
 
     if target.exists() and not overwrite:
         raise InputError(f"--out: {target} exists; pass --overwrite to replace it")
     require_quantizer(quant_type)
+    check_base_weights(run_dir.path, recipe, base_weights)
     if recipe.adapter.kind == "none":
         if not run_dir.model.is_dir():
             raise InputError(f"{run_dir.path}: has no model/; did the run finish?")
@@ -97,7 +105,7 @@ def write_run_gguf(run_dir, recipe, target: Path, quant_type: str, *, overwrite:
     check_run_exportable(run_dir, recipe)
     with tempfile.TemporaryDirectory(dir=run_dir.path, prefix=".gguf-") as scratch:
         # in the base checkpoint's own dtype (merge's default): nothing is lost before the GGUF types are chosen
-        merged = merge_run(run_dir.path, out=Path(scratch) / "merged", echo=echo).path
+        merged = merge_run(run_dir.path, out=Path(scratch) / "merged", base_weights=base_weights, echo=echo).path
         convert(merged, target, quant_type, echo, Path(scratch), where=run_dir.path)
     return target
 

@@ -27,17 +27,20 @@ def export_ollama(
     *,
     out: str | Path | None = None,
     quant_type: str = "f16",
+    base_weights: str = "original",
     overwrite: bool = False,
     force_unlock: bool = False,
     echo: Echo = print,
 ) -> Path:
-    """Write the run's GGUF file and its Modelfile to the folder `out` (default RUN_DIR/export/ollama).
+    """Write the run's GGUF file and its Modelfile to the folder `out` (default RUN_DIR/export/ollama); the
+    adapter is merged into `base_weights` as `export_gguf` does.
 
     Raises:
         InputError: the run's prompt cannot be written as a TEMPLATE (several prompt formats, a chat template
             no layout reproduces), or any refusal of the GGUF export; all before anything is merged. `out` is
             not empty without `overwrite`, or is claimed by another command.
     """
+    from finetune.artifacts.dequantize import check_base_weights
     from finetune.artifacts.gguf import write_run_gguf
     from finetune.artifacts.gguf_quantize import require_quantizer
     from finetune.lock import claim
@@ -48,6 +51,7 @@ def export_ollama(
     gguf_file = f"model-{quant_type}.gguf"
     modelfile = modelfile_text(run_dir, recipe, gguf_file, echo)
     require_quantizer(quant_type)
+    check_base_weights(run_dir.path, recipe, base_weights)
     with claim(target, subject="--out", beside=True, force_unlock=force_unlock, echo=echo):
         claim_folder(target, overwrite=overwrite, key="--out", protect=run_dir)
 
@@ -56,7 +60,15 @@ def export_ollama(
             def echo_final(line: str) -> None:
                 echo(line.replace(str(folder), str(target)))
 
-            write_run_gguf(run_dir, recipe, folder / gguf_file, quant_type, overwrite=False, echo=echo_final)
+            write_run_gguf(
+                run_dir,
+                recipe,
+                folder / gguf_file,
+                quant_type,
+                base_weights=base_weights,
+                overwrite=False,
+                echo=echo_final,
+            )
             (folder / MODELFILE).write_text(modelfile, encoding="utf-8")
 
         write_folder(target, fill)

@@ -28,6 +28,13 @@ def add(verbs) -> None:
         help="gguf, ollama: tensor type (default f16; the k-quants q4_k_m, q5_k_m, q6_k by llama.cpp, which needs "
         "the llama-cpp extra)",
     )
+    export.add_argument(
+        "--base",
+        choices=["original", "dequantized"],
+        default="original",
+        help="gguf, ollama: the base weights a QLoRA adapter is merged into before conversion, as `finetune merge "
+        "--base` (default original; dequantized: the 4-bit weights it trained against)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_force_unlock(export)
 
@@ -53,7 +60,12 @@ def export_gguf(args) -> int:
     from finetune.artifacts.gguf import export_gguf
 
     export_gguf(
-        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+        args.run_dir,
+        out=args.out,
+        quant_type=args.type,
+        base_weights=args.base,
+        overwrite=args.overwrite,
+        force_unlock=args.force_unlock,
     )
     return 0
 
@@ -62,7 +74,12 @@ def export_ollama(args) -> int:
     from finetune.artifacts.ollama import export_ollama
 
     export_ollama(
-        args.run_dir, out=args.out, quant_type=args.type, overwrite=args.overwrite, force_unlock=args.force_unlock
+        args.run_dir,
+        out=args.out,
+        quant_type=args.type,
+        base_weights=args.base,
+        overwrite=args.overwrite,
+        force_unlock=args.force_unlock,
     )
     return 0
 
