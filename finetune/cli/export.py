@@ -56,24 +56,14 @@ def export_adapter(args) -> int:
     return 0
 
 
-def export_gguf(args) -> int:
-    from finetune.artifacts.gguf import export_gguf
+def export_converted(args) -> int:
+    """gguf and ollama: the run's model, merged into --base where it has an adapter, converted to --type."""
+    if args.format == "gguf":
+        from finetune.artifacts.gguf import export_gguf as export
+    else:
+        from finetune.artifacts.ollama import export_ollama as export
 
-    export_gguf(
-        args.run_dir,
-        out=args.out,
-        quant_type=args.type,
-        base_weights=args.base,
-        overwrite=args.overwrite,
-        force_unlock=args.force_unlock,
-    )
-    return 0
-
-
-def export_ollama(args) -> int:
-    from finetune.artifacts.ollama import export_ollama
-
-    export_ollama(
+    export(
         args.run_dir,
         out=args.out,
         quant_type=args.type,
@@ -85,4 +75,4 @@ def export_ollama(args) -> int:
 
 
 # --format of `finetune export` -> its handler; a new format is one entry here
-FORMATS = {"adapter": export_adapter, "gguf": export_gguf, "ollama": export_ollama}
+FORMATS = {"adapter": export_adapter, "gguf": export_converted, "ollama": export_converted}
